@@ -1,0 +1,99 @@
+"""The `setok` command line. Each command parses its flags, imports its library function lazily
+(so `setok --help` is instant) and calls it. A SetokError is printed as one line, exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from setok.errors import SetokError
+
+
+def user_errors(fn):
+    """Print SetokError as `error: ...` on stderr and exit 2; bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SetokError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.version_option(package_name="setok")
+def main(verbose: bool) -> None:
+    """setok: a semantic vision tokenizer from PyTorch to ONNX, INT8 and TensorRT."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to write.")
+@click.option("--steps", type=int, default=None, help="Total steps (split between the two stages); default per preset.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data", default="synthetic", show_default=True, help="'synthetic' or a folder with captions.jsonl.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@click.option("--tokenizer", type=click.Choice(["setok", "patch", "topk"]), default="setok", show_default=True,
+              help="setok: DPC-KNN clusters; patch / topk: the baselines.")
+@click.option("--max-minutes", type=float, default=None, help="Wall-clock budget (for same-time baselines).")
+@click.option("--ckpt-every", type=int, default=200, show_default=True)
+@click.option("--encoder", "encoder_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A local Hugging Face vision model directory instead of the built-in ViT.")
+@click.option("--llm", "llm_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A local causal-LM directory instead of the built-in Llama.")
+@user_errors
+def train(**kw) -> None:
+    """Train a Setokim checkpoint (stage 1 vision tokenizer, stage 2 LLM and heads)."""
+    from setok.train import TrainOptions, train as run
+
+    out = run(TrainOptions(**kw))
+    click.echo(f"checkpoint written to {out}")
+
+
+@main.command("eval")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the metrics here.")
+@click.option("--n", type=click.IntRange(1), default=500, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def eval_(target: Path, json_out: Path | None, n: int, seed: int) -> None:
+    """Evaluate a checkpoint on held-out synthetic scenes."""
+    from setok.evaluate import evaluate_checkpoint
+    from setok.io import write_json
+
+    result = evaluate_checkpoint(_checkpoint(target), n=n, seed=seed)
+    if json_out:
+        write_json(json_out, result)
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+@main.command()
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="Checkpoint (default: the shipped small one).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("setok-demo"), show_default=True)
+@click.option("--n", type=click.IntRange(1), default=100, show_default=True, help="Held-out scenes to evaluate.")
+@user_errors
+def demo(ckpt: Path | None, out: Path, n: int) -> None:
+    """Evaluate a reference checkpoint and show what it does on a few scenes."""
+    from setok.demo import run_demo
+
+    run_demo(ckpt, out, n, echo=click.echo)
+
+
+def _checkpoint(path: Path) -> Path:
+    if not path.exists():
+        raise SetokError(f"{path}: no such checkpoint directory; expected one written by `setok train`")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Typed configs for every component; importable without torch (the runtime reads them too).
+
+A checkpoint's `config.json` is `SetokimConfig.to_dict()`; `from_dict` refuses unknown keys so a
+typo in a hand-edited config fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from setok.errors import InputError
+
+
+@dataclass
+class EncoderConfig:
+    image_size: int = 64
+    patch_size: int = 4
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    # The clustering sees LayerNorm-ed features plus a sin/cos position code scaled by this:
+    # without the normalisation, feature drift during training collapses the token count.
+    pos_scale: float = 0.7
+    # A local Hugging Face vision model directory to use instead of the built-in ViT.
+    hf_path: str | None = None
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class ClusterConfig:
+    k: int = 8
+    tau: float = 0.25
+    min_tokens: int = 2
+    max_tokens: int = 32
+
+
+@dataclass
+class MergerConfig:
+    inner_depth: int = 1
+    inter_depth: int = 1
+    heads: int = 4
+    token_dim: int = 128  # D, the width of a vision token
+
+
+@dataclass
+class DetokenizerConfig:
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+
+
+@dataclass
+class LLMConfig:
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 256
+    vocab_size: int = 512  # upper bound for the trained text tokenizer
+    # A local causal-LM directory to use instead of building a Llama from this config.
+    hf_path: str | None = None
+
+
+@dataclass
+class SetokimConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    merger: MergerConfig = field(default_factory=MergerConfig)
+    detokenizer: DetokenizerConfig = field(default_factory=DetokenizerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    # "setok" (DPC-KNN clusters), "patch" (every patch is a token), "topk" (fixed K centers).
+    tokenizer: str = "setok"
+    topk_tokens: int = 16
+    preset: str = "custom"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SetokimConfig":
+        return _build(cls, data, "config")
+
+    @property
+    def max_tokens(self) -> int:
+        """The most vision tokens one image can produce under this config."""
+        if self.tokenizer == "patch":
+            return self.encoder.num_patches
+        if self.tokenizer == "topk":
+            return self.topk_tokens
+        return self.cluster.max_tokens
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InputError(f"{where}: unknown keys {unknown}; expected some of {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _SUBCONFIGS.get(fields[name].type if isinstance(fields[name].type, str) else "")
+        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
+    return cls(**kwargs)
+
+
+_SUBCONFIGS = {
+    "EncoderConfig": EncoderConfig,
+    "ClusterConfig": ClusterConfig,
+    "MergerConfig": MergerConfig,
+    "DetokenizerConfig": DetokenizerConfig,
+    "LLMConfig": LLMConfig,
+}
+
+
+def preset(name: str, tokenizer: str = "setok") -> SetokimConfig:
+    """The named model size. `tiny` trains in under a minute (tests); `small` is the shipped one."""
+    if name == "tiny":
+        cfg = SetokimConfig(
+            encoder=EncoderConfig(width=32, depth=1, heads=2),
+            cluster=ClusterConfig(k=8, tau=0.25, min_tokens=2, max_tokens=16),
+            merger=MergerConfig(heads=2, token_dim=32),
+            detokenizer=DetokenizerConfig(width=32, depth=1, heads=2),
+            llm=LLMConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
+        )
+    elif name == "small":
+        cfg = SetokimConfig()
+    else:
+        raise InputError(f"unknown preset {name!r}; expected 'tiny' or 'small'")
+    if tokenizer not in ("setok", "patch", "topk"):
+        raise InputError(f"unknown tokenizer {tokenizer!r}; expected 'setok', 'patch' or 'topk'")
+    cfg.tokenizer = tokenizer
+    cfg.preset = name
+    return cfg

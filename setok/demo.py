@@ -1,0 +1,93 @@
+"""`setok demo`: evaluate the reference checkpoint and show what it does on a few scenes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from setok.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SHIPPED = Path(__file__).parent / "checkpoints" / "small"
+PALETTE = np.random.default_rng(7).integers(40, 255, size=(512, 3)).astype(np.uint8)
+
+
+def default_checkpoint(out: Path, echo: Callable[[str], None]) -> Path:
+    if (SHIPPED / "model.safetensors").is_file():
+        return SHIPPED
+    # A source checkout without the shipped weights still demos: train the tiny preset (< 1 min).
+    echo("no shipped checkpoint found; training the tiny preset first (under a minute)")
+    from setok.train import TrainOptions, train
+
+    return train(TrainOptions(preset="tiny", out=out / "tiny-checkpoint"))
+
+
+def run_demo(ckpt: Path | None, out: Path, n: int, echo: Callable[[str], None]) -> dict:
+    from setok.evaluate import evaluate_checkpoint
+    from setok.io import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt or default_checkpoint(out, echo)
+    if not Path(ckpt).is_dir():
+        raise InputError(f"--ckpt {ckpt}: no such checkpoint directory; expected one written by `setok train`")
+    echo(f"checkpoint: {ckpt}")
+    metrics = evaluate_checkpoint(ckpt, n=n)
+    write_json(out / "metrics.json", metrics)
+    echo(f"held-out metrics on {n} scenes:")
+    for key in sorted(metrics):
+        value = metrics[key]
+        echo(f"  {key:26s} {value:.3f}" if isinstance(value, float) else f"  {key:26s} {value}")
+    show_scenes(ckpt, out / "scenes.png", echo)
+    return metrics
+
+
+@torch.no_grad()
+def show_scenes(ckpt: Path, png: Path, echo: Callable[[str], None], count: int = 4) -> None:
+    """Per scene: the image, its token map, the reconstruction, the image generated from its
+    caption and the referring-segmentation mask; plus the model's words next to the truth."""
+    from PIL import Image
+
+    from setok.data.items import eval_items
+    from setok.evaluate import to_unit, token_mask_pixels
+    from setok.model.encoder import preprocess
+    from setok.model.setokim import Setokim
+
+    model = Setokim.from_pretrained(ckpt)
+    cfg = model.cfg.encoder
+    items = eval_items(count, seed=123, size=cfg.image_size)
+    px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
+    vt = model.vision(px)
+    counts, assignment = vt.clusters.num_tokens, vt.clusters.assignment.numpy()
+    recon = to_unit(model.vision.reconstruct(vt))
+    gen = to_unit(model.vision.detokenizer(*model.generate_tokens([it.caption for it in items])))
+    captions = model.caption(vt.tokens, counts)
+    answers = model.answer(vt.tokens, counts, [it.qa[0][0] for it in items])
+    exprs = [it.referring[0][0] for it in items]
+    selected = model.segment_tokens(vt.tokens, counts, exprs)
+    rows = []
+    for i, it in enumerate(items):
+        tokens_map = PALETTE[assignment[i]].reshape(cfg.grid, cfg.grid, 3)
+        mask = token_mask_pixels(assignment[i], selected[i].numpy(), cfg.grid, cfg.patch_size)
+        tiles = [it.image, _up(tokens_map, cfg.patch_size), _u8(recon[i]), _u8(gen[i]),
+                 np.repeat(mask[..., None] * 255, 3, -1).astype(np.uint8)]
+        rows.append(np.concatenate([_up(t, 4) for t in tiles], 1))
+        echo(f"scene {i}: {int(counts[i])} tokens for {it.num_objects} objects")
+        echo(f"  caption  truth: {it.caption}\n           model: {captions[i]}")
+        echo(f"  question {it.qa[0][0]!r}: truth {it.qa[0][1]!r}, model {answers[i]!r}")
+        echo(f"  segment  {exprs[i]!r}: mask of {int(selected[i].sum())} token(s)")
+    Image.fromarray(np.concatenate(rows, 0)).save(png)
+    echo(f"saved {png} (columns: image, tokens, reconstruction, generated from caption, segmentation)")
+
+
+def _u8(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _up(x: np.ndarray, f: int) -> np.ndarray:
+    return np.kron(x, np.ones((f, f, 1), dtype=np.uint8)).astype(np.uint8)

@@ -1,0 +1,127 @@
+"""`setok eval`: every metric of a checkpoint on held-out scenes (seeds disjoint from training)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from setok.data.items import SceneStream, TrainItem, eval_items
+from setok.eval.metrics import flat_baseline_psnr, fg_ari, iou, psnr, spearman
+from setok.model.cluster import dpc_knn
+from setok.model.encoder import preprocess
+from setok.model.layers import patchify, sincos_2d
+from setok.model.losses import patch_labels
+from setok.model.setokim import Setokim
+
+log = logging.getLogger(__name__)
+
+
+def to_unit(x: torch.Tensor) -> np.ndarray:
+    """Normalised (B, 3, H, W) -> (B, H, W, 3) in [0, 1]."""
+    return (x * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def token_mask_pixels(assignment: np.ndarray, selected: np.ndarray, grid: int, patch: int) -> np.ndarray:
+    """Union of the selected tokens' clusters, (N,) ids + (K,) bool -> (H, W) bool."""
+    patches = selected[assignment].reshape(grid, grid)
+    return np.kron(patches, np.ones((patch, patch), dtype=bool)).astype(bool)
+
+
+@torch.no_grad()
+def evaluate_checkpoint(ckpt: str | Path, n: int = 500, seed: int = 0, batch: int = 50) -> dict:
+    model = Setokim.from_pretrained(ckpt)
+    items = eval_items(n, seed, model.cfg.encoder.image_size)
+    start = time.monotonic()
+    rows: dict[str, list[float]] = {}
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(0, n, batch), desc="eval", unit="batch", dynamic_ncols=True):
+        for key, values in evaluate_batch(model, items[i : i + batch]).items():
+            rows.setdefault(key, []).extend(values)
+    result = summarize(rows)
+    result["pixel_dpc_fg_ari"] = pixel_dpc_fg_ari(items, model.cfg)
+    result.update(patches=model.cfg.encoder.num_patches, n=n, seed=seed, tokenizer=model.cfg.tokenizer,
+                  tau=model.cfg.cluster.tau, eval_seconds=round(time.monotonic() - start, 1))
+    return result
+
+
+def summarize(rows: dict[str, list[float]]) -> dict:
+    out = {k: float(np.mean(v)) for k, v in rows.items() if k not in ("tokens", "objects")}
+    out["tokens_mean"] = float(np.mean(rows["tokens"]))
+    out["tokens_objects_spearman"] = spearman(rows["tokens"], rows["objects"])
+    return out
+
+
+def evaluate_batch(model: Setokim, items: list[TrainItem]) -> dict[str, list[float]]:
+    cfg = model.cfg
+    px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
+    vt = model.vision(px)
+    tokens, counts = vt.tokens, vt.clusters.num_tokens
+    assignment = vt.clusters.assignment.numpy()
+    labels = patch_labels(torch.from_numpy(np.stack([it.instance_mask for it in items])), cfg.encoder.patch_size).numpy()
+    truth = to_unit(px)
+    recon = to_unit(model.vision.reconstruct(vt))
+    gen_tokens, gen_counts = model.generate_tokens([it.caption for it in items])
+    generated = to_unit(model.vision.detokenizer(gen_tokens, gen_counts))
+    captions = model.caption(tokens, counts)
+    out = {
+        "fg_ari": [fg_ari(a, l) for a, l in zip(assignment, labels)],
+        "tokens": counts.tolist(),
+        "objects": [it.num_objects for it in items],
+        "recon_psnr": [psnr(r, t) for r, t in zip(recon, truth)],
+        "baseline_psnr": [flat_baseline_psnr(t) for t in truth],
+        "gen_psnr": [psnr(g, t) for g, t in zip(generated, truth)],
+        "caption_exact": [float(c == it.caption) for c, it in zip(captions, items)],
+    }
+    out["vqa_accuracy"] = _vqa(model, tokens, counts, items)
+    out["refseg_miou"] = _refseg(model, tokens, counts, assignment, items)
+    return out
+
+
+def _vqa(model: Setokim, tokens, counts, items: list[TrainItem]) -> list[float]:
+    idx = [(i, q, a) for i, it in enumerate(items) for q, a in it.qa]
+    rows = torch.tensor([i for i, _, _ in idx])
+    answers = model.answer(tokens[rows], counts[rows], [q for _, q, _ in idx])
+    return [float(p == a) for p, (_, _, a) in zip(answers, idx)]
+
+
+def _refseg(model: Setokim, tokens, counts, assignment: np.ndarray, items: list[TrainItem]) -> list[float]:
+    cfg = model.cfg.encoder
+    idx = [(i, e, m) for i, it in enumerate(items) for e, m in it.referring]
+    rows = torch.tensor([i for i, _, _ in idx])
+    selections = model.segment_tokens(tokens[rows], counts[rows], [e for _, e, _ in idx])
+    return [iou(token_mask_pixels(assignment[i], sel.numpy(), cfg.grid, cfg.patch_size), m)
+            for sel, (i, _, m) in zip(selections, idx)]
+
+
+def pixel_features(px: torch.Tensor, cfg) -> torch.Tensor:
+    """No learning: raw patch pixels, normalised like encoder features, plus the position code."""
+    raw = patchify(px, cfg.encoder.patch_size)  # (B, N, p*p*3)
+    pos = sincos_2d(cfg.encoder.grid, raw.shape[-1]) * cfg.encoder.pos_scale
+    return F.layer_norm(raw, raw.shape[-1:]) + pos
+
+
+@torch.no_grad()
+def pixel_dpc_fg_ari(items: list[TrainItem], cfg) -> float:
+    """The same clustering on raw pixels, with its tau chosen on training scenes the same way."""
+    from setok.tau import calibrate_tau
+
+    class _PixelEncoder(torch.nn.Module):  # calibrate_tau expects `.encoder(pixel_values)`
+        def forward(self, px):
+            return pixel_features(px, cfg)
+
+    holder = torch.nn.Module()
+    holder.encoder = _PixelEncoder()
+    train = SceneStream(cfg.encoder.image_size, 0).batch(10**6, 64)
+    ccfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster))
+    ccfg.cluster.tau = calibrate_tau(holder, train, ccfg)
+    px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
+    clusters = dpc_knn(pixel_features(px, cfg), ccfg.cluster)
+    labels = patch_labels(torch.from_numpy(np.stack([it.instance_mask for it in items])), cfg.encoder.patch_size)
+    return float(np.mean([fg_ari(a, l) for a, l in zip(clusters.assignment.numpy(), labels.numpy())]))

@@ -1,0 +1,64 @@
+"""Training losses of the vision tokenizer (stage 1). Stage-2 losses live on Setokim itself."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from setok.model.cluster import pairwise_distance
+
+
+def patch_labels(masks: Tensor, patch: int) -> Tensor:
+    """Per-pixel instance ids (B, H, W) -> majority id per patch (B, N)."""
+    b, h, w = masks.shape
+    m = masks.reshape(b, h // patch, patch, w // patch, patch).permute(0, 1, 3, 2, 4)  # (B, G, G, p, p)
+    m = m.reshape(b, -1, patch * patch)  # (B, N, p*p)
+    return torch.mode(m, dim=-1).values  # (B, N)
+
+
+def grouping_loss(content: Tensor, labels: Tensor, margin: float = 1.0) -> Tensor:
+    """Pull patches of one object together and push different objects apart, in the distance
+    the clustering uses; this is what makes DPC on learned features beat DPC on pixels."""
+    d = pairwise_distance(content)  # (B, N, N)
+    same = labels.unsqueeze(2) == labels.unsqueeze(1)  # (B, N, N)
+    pull = (d * d)[same].mean()
+    push = F.relu(margin - d)[~same]
+    return pull + ((push * push).mean() if push.numel() else d.new_zeros(()))
+
+
+class ConceptContrast(nn.Module):
+    """Concept-level image-text contrastive loss (CLIP-style, temperature 0.07): the token that
+    owns an object is pulled toward the text of that object's concept ("large red circle")."""
+
+    def __init__(self, token_dim: int, vocab_size: int, dim: int = 64, temperature: float = 0.07):
+        super().__init__()
+        self.text = nn.EmbeddingBag(vocab_size, dim, mode="mean")
+        self.text_proj = nn.Linear(dim, dim)
+        self.image_proj = nn.Linear(token_dim, dim)
+        self.temperature = temperature
+
+    def forward(self, token_vecs: Tensor, text_ids: list[list[int]], concepts: list[str]) -> Tensor:
+        """token_vecs (M, D): one token per concept; text_ids: the concept's token ids."""
+        flat = torch.tensor([i for ids in text_ids for i in ids])
+        offsets = torch.tensor([0] + [len(ids) for ids in text_ids[:-1]]).cumsum(0)
+        t = F.normalize(self.text_proj(self.text(flat, offsets)), dim=-1)  # (M, E)
+        v = F.normalize(self.image_proj(token_vecs), dim=-1)  # (M, E)
+        logits = v @ t.T / self.temperature  # (M, M)
+        # Two objects with the same concept text are both positives, not false negatives.
+        same = torch.tensor([[a == b for b in concepts] for a in concepts], dtype=torch.float32)
+        target = same / same.sum(-1, keepdim=True)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def owner_tokens(assignment: Tensor, labels: Tensor, num_objects: list[int]) -> list[tuple[int, int]]:
+    """For each (image, object id >= 1): the token whose cluster holds most of its patches."""
+    out = []
+    for b, n_obj in enumerate(num_objects):
+        for obj in range(1, n_obj + 1):
+            member = assignment[b][labels[b] == obj]
+            if member.numel():
+                out.append((b, int(torch.bincount(member).argmax())))
+            else:
+                out.append((b, -1))
+    return out

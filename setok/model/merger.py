@@ -1,0 +1,52 @@
+"""merger stage: one vision token per cluster.
+
+inner transformer over all N patches with a block-diagonal same-cluster mask (exactly running
+it cluster by cluster, but one static-shape pass), masked mean per cluster, inter transformer
+across the cluster tokens, linear projection to the token width D.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from setok.config import MergerConfig
+from setok.model.layers import Block, init_weights
+
+
+def cluster_onehot(assignment: Tensor, max_tokens: int) -> Tensor:
+    """(B, N) token ids -> (B, N, T) float membership."""
+    slots = torch.arange(max_tokens, device=assignment.device)
+    return (assignment.unsqueeze(-1) == slots).float()
+
+
+def token_mask(num_tokens: Tensor, max_tokens: int) -> Tensor:
+    """(B,) counts -> (B, T) True for real tokens."""
+    return torch.arange(max_tokens, device=num_tokens.device).unsqueeze(0) < num_tokens.unsqueeze(1)
+
+
+class Merger(nn.Module):
+    def __init__(self, cfg: MergerConfig, width: int, max_tokens: int):
+        super().__init__()
+        self.max_tokens = max_tokens
+        self.inner = nn.ModuleList(Block(width, cfg.heads) for _ in range(cfg.inner_depth))
+        self.inter = nn.ModuleList(Block(width, cfg.heads) for _ in range(cfg.inter_depth))
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, cfg.token_dim)
+        init_weights(self)
+
+    def forward(self, patch_features: Tensor, assignment: Tensor, num_tokens: Tensor) -> Tensor:
+        """(B, N, C), (B, N), (B,) -> vision tokens (B, T, D); rows >= num_tokens are zero."""
+        same = assignment.unsqueeze(2) == assignment.unsqueeze(1)  # (B, N, N) block-diagonal
+        x = patch_features
+        for blk in self.inner:
+            x = blk(x, mask=same)
+        member = cluster_onehot(assignment, self.max_tokens)  # (B, N, T)
+        counts = member.sum(1).clamp_min(1.0).unsqueeze(-1)  # (B, T, 1)
+        tokens = member.transpose(1, 2) @ x / counts  # (B, T, N) @ (B, N, C) -> (B, T, C)
+        valid = token_mask(num_tokens, self.max_tokens)  # (B, T)
+        keys = valid.unsqueeze(1)  # (B, 1, T): every token attends to real tokens only
+        for blk in self.inter:
+            tokens = blk(tokens, mask=keys)
+        out = self.proj(self.norm(tokens))  # (B, T, D)
+        return out * valid.unsqueeze(-1).to(out.dtype)

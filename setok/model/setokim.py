@@ -1,0 +1,285 @@
+"""Setokim: the vision tokenizer + a Hugging Face decoder LLM reading vision tokens through
+`inputs_embeds`, with three heads: text (the LM head), vision-token regression at `<target>`
+slots (text -> image) and a segmentation head that scores vision tokens for an expression.
+
+Sequences (one per image and task):
+  caption  <bos> <im_start> V.. <im_end> caption        -> caption <eos>
+  answer   <bos> <im_start> V.. <im_end> question Q answer -> A <eos>
+  refer    <bos> <im_start> V.. <im_end> find E        (last hidden state scores each V)
+  generate <bos> draw CAPTION -> <im_start> <target>.. <im_end> <eos>  (hidden at <target> -> V)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from setok.config import SetokimConfig
+from setok.errors import CheckpointError
+from setok.io import atomic_dir
+from setok.model import text as T
+from setok.model.vision import VisionTokenizer
+
+CAPTION_PROMPT = "caption"
+QUESTION_PROMPT = "question {q} answer"
+REFER_PROMPT = "find {e}"
+DRAW_PROMPT = "draw {c}"
+
+
+@dataclass
+class Sequence:
+    """One training/inference sequence: token ids with -1 where vision tokens go."""
+
+    ids: list[int] = field(default_factory=list)
+    supervised: list[bool] = field(default_factory=list)  # predict ids[t] from the prefix
+    vision: Tensor | None = None  # (K, D) placed at the -1 slots
+    targets: Tensor | None = None  # (K, D) regressed from hidden states at <target> slots
+    seg_labels: Tensor | None = None  # (K,) 1 = token belongs to the referred object
+
+    def add(self, ids: list[int], supervised: bool = False) -> "Sequence":
+        self.ids += ids
+        self.supervised += [supervised] * len(ids)
+        return self
+
+
+@dataclass
+class Batch:
+    embeds: Tensor  # (S, L, H)
+    attention_mask: Tensor  # (S, L)
+    position_ids: Tensor  # (S, L)
+    ids: Tensor  # (S, L), -1 at vision slots and padding
+    supervised: Tensor  # (S, L) bool
+    lengths: list[int]
+    seqs: list[Sequence]
+
+
+def build_llm(cfg: SetokimConfig, vocab_size: int, tok) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if cfg.llm.hf_path:
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm.hf_path, local_files_only=True, trust_remote_code=False)
+        llm.resize_token_embeddings(vocab_size)
+        return llm
+    c = cfg.llm
+    conf = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    return LlamaForCausalLM(conf)
+
+
+class Setokim(nn.Module):
+    def __init__(self, cfg: SetokimConfig, tokenizer):
+        super().__init__()
+        self.cfg = cfg
+        self.tok = tokenizer
+        self.vision = VisionTokenizer(cfg)
+        self.llm = build_llm(cfg, len(tokenizer), tokenizer)
+        hidden = self.llm.config.hidden_size
+        d = cfg.merger.token_dim
+        self.projector = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.regress = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d))
+        self.seg_query = nn.Linear(hidden, hidden)
+        self.seg_key = nn.Linear(hidden, hidden)
+        self.ids = {name: tokenizer.convert_tokens_to_ids(name) for name in T.SPECIAL}
+
+    # ---- sequences -------------------------------------------------------------------------
+    def encode_text(self, s: str) -> list[int]:
+        return self.tok(s, add_special_tokens=False)["input_ids"]
+
+    def image_prefix(self, vision: Tensor) -> Sequence:
+        """<bos> <im_start> V.. <im_end>: exactly num_tokens vision slots, never padding."""
+        k = vision.shape[0]
+        s = Sequence(vision=vision)
+        return s.add([self.ids[T.BOS], self.ids[T.IM_START]] + [-1] * k + [self.ids[T.IM_END]])
+
+    def generation_prefix(self, caption: str) -> Sequence:
+        return Sequence().add([self.ids[T.BOS]] + self.encode_text(DRAW_PROMPT.format(c=caption)))
+
+    def collate(self, seqs: list[Sequence], left_pad: bool = False) -> Batch:
+        """Pad to one length, embed text ids, drop projected vision tokens into their slots."""
+        length = max(len(s.ids) for s in seqs)
+        n = len(seqs)
+        ids = torch.full((n, length), -1, dtype=torch.long)
+        sup = torch.zeros((n, length), dtype=torch.bool)
+        mask = torch.zeros((n, length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            sl = slice(length - len(s.ids), length) if left_pad else slice(0, len(s.ids))
+            ids[i, sl] = torch.tensor(s.ids)
+            sup[i, sl] = torch.tensor(s.supervised)
+            mask[i, sl] = 1
+        embed = self.llm.get_input_embeddings()
+        embeds = embed(ids.clamp_min(0))  # (S, L, H); vision and pad slots overwritten / masked
+        slots = (ids == -1) & (mask == 1)
+        vision = [s.vision for s in seqs if s.vision is not None]
+        if vision:
+            embeds = embeds.clone()
+            embeds[slots] = self.projector(torch.cat(vision, 0)).to(embeds.dtype)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (S, L): positions count real tokens only
+        return Batch(embeds, mask, pos, ids, sup, [len(s.ids) for s in seqs], seqs)
+
+    def hidden(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        out = self.llm(
+            inputs_embeds=batch.embeds, attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids, output_hidden_states=True, use_cache=False,
+        )
+        return out.logits, out.hidden_states[-1]  # (S, L, V), (S, L, H)
+
+    # ---- training losses -------------------------------------------------------------------
+    def losses(self, seqs: list[Sequence]) -> dict[str, Tensor]:
+        batch = self.collate(seqs)
+        logits, hidden = self.hidden(batch)
+        out = {"lm": self._lm_loss(batch, logits)}
+        reg = self._regression_loss(batch, hidden)
+        if reg is not None:
+            out["regress"] = reg
+        seg = self._seg_loss(batch, hidden)
+        if seg is not None:
+            out["seg"] = seg
+        return out
+
+    def _lm_loss(self, batch: Batch, logits: Tensor) -> Tensor:
+        sup = batch.supervised[:, 1:]  # (S, L-1): predict t from the prefix up to t-1
+        return F.cross_entropy(logits[:, :-1][sup], batch.ids[:, 1:][sup])
+
+    def _regression_loss(self, batch: Batch, hidden: Tensor) -> Tensor | None:
+        rows = [i for i, s in enumerate(batch.seqs) if s.targets is not None]
+        if not rows:
+            return None
+        slots = batch.ids[rows] == self.ids[T.TARGET]  # (R, L)
+        pred = self.regress(hidden[rows][slots])  # (sum K, D)
+        target = torch.cat([batch.seqs[i].targets for i in rows], 0)
+        return F.mse_loss(pred, target)
+
+    def seg_logits(self, batch: Batch, hidden: Tensor, row: int) -> Tensor:
+        """Score each vision token of sequence `row` for the expression that ends it."""
+        n = batch.lengths[row]
+        q = self.seg_query(hidden[row, n - 1])  # (H,) last real position (right padding)
+        k = self.seg_key(hidden[row, : n][batch.ids[row, :n] == -1])  # (K, H)
+        return k @ q / q.shape[-1] ** 0.5  # (K,)
+
+    def _seg_loss(self, batch: Batch, hidden: Tensor) -> Tensor | None:
+        rows = [i for i, s in enumerate(batch.seqs) if s.seg_labels is not None]
+        if not rows:
+            return None
+        logits = torch.cat([self.seg_logits(batch, hidden, i) for i in rows])
+        labels = torch.cat([batch.seqs[i].seg_labels for i in rows]).float()
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+    # ---- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def greedy(self, seqs: list[Sequence], max_new_tokens: int, keep_hidden: bool = False):
+        """Batched greedy decode with the KV cache. Returns new ids per sequence (and the
+        last-layer hidden state of each fed-back token when keep_hidden)."""
+        batch = self.collate(seqs, left_pad=True)
+        out = self.llm(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=True, output_hidden_states=keep_hidden)
+        past, mask, pos = out.past_key_values, batch.attention_mask, batch.position_ids[:, -1:]
+        done = torch.zeros(len(seqs), dtype=torch.bool)
+        new_ids, hiddens = [[] for _ in seqs], [[] for _ in seqs]
+        logits = out.logits[:, -1]
+        for _ in range(max_new_tokens):
+            nxt = logits.argmax(-1)  # (S,)
+            for i in range(len(seqs)):
+                if not done[i]:
+                    new_ids[i].append(int(nxt[i]))
+            done |= nxt == self.ids[T.EOS]
+            if done.all():
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            pos = pos + 1
+            emb = self.llm.get_input_embeddings()(nxt).unsqueeze(1)  # (S, 1, H)
+            out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                           past_key_values=past, use_cache=True, output_hidden_states=keep_hidden)
+            past, logits = out.past_key_values, out.logits[:, -1]
+            if keep_hidden:
+                for i in range(len(seqs)):
+                    if len(hiddens[i]) < len(new_ids[i]):
+                        hiddens[i].append(out.hidden_states[-1][i, -1])
+        return (new_ids, hiddens) if keep_hidden else new_ids
+
+    def decode(self, ids: list[int]) -> str:
+        eos = self.ids[T.EOS]
+        ids = ids[: ids.index(eos)] if eos in ids else ids
+        return self.tok.decode(ids, skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def caption(self, tokens: Tensor, num_tokens: Tensor, max_new_tokens: int = 64) -> list[str]:
+        seqs = [self.image_prefix(tokens[i, : num_tokens[i]]).add(self.encode_text(CAPTION_PROMPT))
+                for i in range(tokens.shape[0])]
+        return [self.decode(ids) for ids in self.greedy(seqs, max_new_tokens)]
+
+    @torch.no_grad()
+    def answer(self, tokens: Tensor, num_tokens: Tensor, questions: list[str], max_new_tokens: int = 8) -> list[str]:
+        seqs = [self.image_prefix(tokens[i, : num_tokens[i]]).add(self.encode_text(QUESTION_PROMPT.format(q=q)))
+                for i, q in enumerate(questions)]
+        return [self.decode(ids) for ids in self.greedy(seqs, max_new_tokens)]
+
+    @torch.no_grad()
+    def segment_tokens(self, tokens: Tensor, num_tokens: Tensor, expressions: list[str]) -> list[Tensor]:
+        """Per image, a bool (K,) selection of the vision tokens the expression refers to."""
+        seqs = [self.image_prefix(tokens[i, : num_tokens[i]]).add(self.encode_text(REFER_PROMPT.format(e=e)))
+                for i, e in enumerate(expressions)]
+        batch = self.collate(seqs)
+        _, hidden = self.hidden(batch)
+        return [self.seg_logits(batch, hidden, i) > 0 for i in range(len(seqs))]
+
+    @torch.no_grad()
+    def generate_tokens(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Text -> vision tokens (B, T, D) and their count: the LLM chooses how many."""
+        seqs = [self.generation_prefix(c) for c in captions]
+        t_max = self.cfg.max_tokens
+        new_ids, hiddens = self.greedy(seqs, t_max + 3, keep_hidden=True)
+        d = self.cfg.merger.token_dim
+        tokens = torch.zeros(len(seqs), t_max, d)
+        counts = torch.zeros(len(seqs), dtype=torch.long)
+        for i, (ids, hs) in enumerate(zip(new_ids, hiddens)):
+            # hs[j] is the hidden state of fed-back token ids[j]; regress only at <target>.
+            slots = [h for tok, h in zip(ids, hs) if tok == self.ids[T.TARGET]][:t_max]
+            if slots:
+                tokens[i, : len(slots)] = self.regress(torch.stack(slots))
+            counts[i] = max(len(slots), 1)
+        return tokens, counts
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, extra: dict | None = None,
+                        optimizer: dict[str, Tensor] | None = None) -> None:
+        """Write config, weights and tokenizer atomically; `extra`/`optimizer` carry the
+        training state that `setok train --resume` continues from."""
+        from safetensors.torch import save_file, save_model
+
+        with atomic_dir(path) as tmp:
+            (tmp / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+            save_model(self, str(tmp / "model.safetensors"))
+            self.tok.save_pretrained(str(tmp))
+            if extra is not None:
+                (tmp / "training_state.json").write_text(json.dumps(extra, indent=2))
+            if optimizer is not None:
+                save_file(optimizer, str(tmp / "optimizer.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Setokim":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            if not (path / name).is_file():
+                raise CheckpointError(f"{path}: missing {name}; expected a checkpoint directory written by `setok train`")
+        try:
+            cfg = SetokimConfig.from_dict(json.loads((path / "config.json").read_text()))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}/config.json is not valid JSON ({e})") from None
+        model = cls(cfg, T.load_text_tokenizer(path))
+        try:
+            load_model(model, str(path / "model.safetensors"))
+        except (SafetensorError, RuntimeError, OSError) as e:
+            raise CheckpointError(f"{path}/model.safetensors is corrupt or does not match config.json: {str(e).splitlines()[0]}") from None
+        return model.eval()

@@ -1,0 +1,55 @@
+"""The vision tokenizer (SeTok): encoder -> cluster -> merger, and the detokenizer back to pixels.
+
+`tokenizer` picks how patches become tokens: "setok" (DPC-KNN clusters, dynamic count),
+"patch" (every patch a token) or "topk" (a fixed K of DPC centers, TCFormer-style). The three
+share every other part, so the baselines differ from SeTok in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from setok.config import SetokimConfig
+from setok.model.cluster import Clusters, dpc_knn, every_patch, fixed_topk
+from setok.model.detokenizer import Detokenizer
+from setok.model.encoder import Encoder
+from setok.model.merger import Merger
+
+
+@dataclass
+class VisionTokens:
+    tokens: Tensor  # (B, T, D), zero beyond num_tokens
+    clusters: Clusters
+    features: Tensor  # (B, N, C) patch features (position code included)
+    content: Tensor  # (B, N, C) the same before the position code (what grouping losses see)
+
+
+class VisionTokenizer(nn.Module):
+    def __init__(self, cfg: SetokimConfig):
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.encoder.width
+        self.encoder = Encoder(cfg.encoder)
+        self.merger = Merger(cfg.merger, width, cfg.max_tokens)
+        self.detokenizer = Detokenizer(cfg.detokenizer, cfg.encoder, cfg.merger.token_dim)
+
+    def cluster(self, features: Tensor) -> Clusters:
+        with torch.no_grad():  # clustering is discrete: no gradient flows through it
+            if self.cfg.tokenizer == "patch":
+                return every_patch(features)
+            if self.cfg.tokenizer == "topk":
+                return fixed_topk(features, self.cfg.topk_tokens, self.cfg.cluster.k)
+            return dpc_knn(features, self.cfg.cluster)
+
+    def forward(self, pixel_values: Tensor) -> VisionTokens:
+        content = self.encoder.features(pixel_values)  # (B, N, C)
+        features = content + self.encoder.pos_out
+        clusters = self.cluster(features)
+        tokens = self.merger(features, clusters.assignment, clusters.num_tokens)  # (B, T, D)
+        return VisionTokens(tokens, clusters, features, content)
+
+    def reconstruct(self, vt: VisionTokens) -> Tensor:
+        return self.detokenizer(vt.tokens, vt.clusters.num_tokens)  # (B, 3, H, W)

@@ -1,0 +1,270 @@
+"""`setok train`: stage 1 trains the vision tokenizer (reconstruction + concept contrastive +
+mask-guided grouping), stage 2 trains Setokim's LLM and heads on frozen vision tokens
+(next-token loss, vision-token regression at <target> slots, token segmentation).
+
+The data stream is a pure function of (seed, step), and optimizer state is checkpointed, so a
+run killed and resumed with `--resume` sees exactly the batches the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from setok.config import SetokimConfig, preset
+from setok.data.items import TrainItem, item_stream
+from setok.errors import InputError
+from setok.model import text as T
+from setok.model.losses import ConceptContrast, grouping_loss, owner_tokens, patch_labels
+from setok.model.setokim import CAPTION_PROMPT, QUESTION_PROMPT, REFER_PROMPT, Sequence, Setokim
+from setok.model.encoder import preprocess
+from setok.tau import calibrate_tau
+
+log = logging.getLogger(__name__)
+
+PRESET_STEPS = {"tiny": (50, 70), "small": (700, 900)}  # (stage 1, stage 2) steps
+PRESET_BATCH = {"tiny": 16, "small": 32}
+PRESET_LR = {"tiny": 2e-3, "small": 1e-3}
+
+
+@dataclass
+class TrainOptions:
+    preset: str = "tiny"
+    out: Path = Path("checkpoints/tiny")
+    steps: int | None = None  # total steps; split between the stages like the preset
+    seed: int = 0
+    data: str = "synthetic"
+    resume: bool = False
+    tokenizer: str = "setok"
+    ckpt_every: int = 200
+    batch_size: int | None = None
+    encoder_path: str | None = None
+    llm_path: str | None = None
+    max_minutes: float | None = None  # wall-clock budget (baselines trained "for the same time")
+
+
+def stage_steps(opts: TrainOptions) -> tuple[int, int]:
+    s1, s2 = PRESET_STEPS[opts.preset]
+    if opts.steps is None:
+        return s1, s2
+    if opts.steps < 2:
+        raise InputError(f"--steps {opts.steps}: expected at least 2 (one per stage)")
+    first = max(1, round(opts.steps * s1 / (s1 + s2)))
+    return first, opts.steps - first
+
+
+def train(opts: TrainOptions) -> Path:
+    torch.manual_seed(opts.seed)
+    cfg = preset(opts.preset, opts.tokenizer)
+    cfg.encoder.hf_path, cfg.llm.hf_path = opts.encoder_path, opts.llm_path
+    stream = item_stream(opts.data, cfg.encoder.image_size, opts.seed)
+    state = _load_state(opts) if opts.resume else None
+    if state is not None:
+        model = Setokim.from_pretrained(opts.out)
+        log.info("resuming %s at stage %s step %s", opts.out, state["stage"], state["step"])
+    else:
+        tok = T.train_text_tokenizer(stream.corpus(), cfg.llm.vocab_size)
+        model = Setokim(cfg, tok)
+        state = {"stage": 1, "step": 0, "elapsed": 0.0}
+    trainer = Trainer(model, opts, stream, state)
+    trainer.run()
+    return opts.out
+
+
+def _load_state(opts: TrainOptions) -> dict | None:
+    path = Path(opts.out) / "training_state.json"
+    if not path.is_file():
+        log.warning("--resume: no checkpoint in %s yet; starting from scratch", opts.out)
+        return None
+    state = json.loads(path.read_text())
+    if state.get("finished"):
+        raise InputError(f"--resume: {opts.out} holds a finished run; pass a new --out or more --steps")
+    return state
+
+
+class Trainer:
+    def __init__(self, model: Setokim, opts: TrainOptions, stream, state: dict):
+        self.model, self.opts, self.stream, self.state = model, opts, stream, state
+        self.cfg: SetokimConfig = model.cfg
+        self.steps = stage_steps(opts)
+        self.batch = opts.batch_size or PRESET_BATCH[opts.preset]
+        self.lr = PRESET_LR[opts.preset]
+        self.concept = ConceptContrast(self.cfg.merger.token_dim, len(model.tok))
+        self.opt = self._optimizer(state["stage"])
+        if state["step"] > 0 or state["stage"] > 1:
+            self._load_optimizer()
+
+    def _optimizer(self, stage: int) -> torch.optim.Optimizer:
+        if stage == 1:
+            params = list(self.model.vision.parameters()) + list(self.concept.parameters())
+        else:
+            self.model.vision.requires_grad_(False)
+            params = [p for n, p in self.model.named_parameters() if not n.startswith("vision.")]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
+
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+
+        total = sum(self.steps)
+        done = self.state["step"] + (self.steps[0] if self.state["stage"] == 2 else 0)
+        bar = tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)
+        start = time.monotonic() - self.state["elapsed"]
+        while self.state["stage"] <= 2:
+            stage, step = self.state["stage"], self.state["step"]
+            if step >= self.steps[stage - 1] or self._out_of_time(start):
+                self._next_stage()
+                continue
+            losses = self.step_stage1(step) if stage == 1 else self.step_stage2(step)
+            self.state["step"] += 1
+            self.state["elapsed"] = time.monotonic() - start
+            bar.update(1)
+            bar.set_postfix(stage=stage, **{k: f"{v:.3f}" for k, v in losses.items()})
+            if self.state["step"] % self.opts.ckpt_every == 0:
+                self.save(final=False)
+        bar.close()
+        self.save(final=True)
+
+    def _out_of_time(self, start: float) -> bool:
+        if self.opts.max_minutes is None:
+            return False
+        # Each stage gets its share of the budget, like it gets its share of the steps.
+        share = self.steps[0] / sum(self.steps) if self.state["stage"] == 1 else 1.0
+        return time.monotonic() - start > 60.0 * self.opts.max_minutes * share
+
+    def _next_stage(self) -> None:
+        if self.state["stage"] == 1:
+            self._calibrate()
+        self.state["stage"] += 1
+        self.state["step"] = 0
+        if self.state["stage"] == 2:
+            self.opt = self._optimizer(2)
+
+    def _calibrate(self) -> None:
+        if self.cfg.tokenizer != "setok" or not self.stream.has_masks:
+            return
+        items = self.stream.batch(10**6, 64)  # a fixed calibration set from training seeds
+        tau = calibrate_tau(self.model.vision, items, self.cfg)
+        log.info("calibrated tau: %.4f -> %.4f", self.cfg.cluster.tau, tau)
+        self.cfg.cluster.tau = tau
+
+    # ---- stage 1 ---------------------------------------------------------------------------
+    def step_stage1(self, step: int) -> dict[str, float]:
+        if step > 0 and step % max(1, self.steps[0] // 4) == 0:
+            self._calibrate()  # keep tau matched to the moving features
+        items = self.stream.batch(step, self.batch)
+        px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
+        vt = self.model.vision(px)
+        losses = {"recon": torch.nn.functional.mse_loss(self.model.vision.reconstruct(vt), px)}
+        if self.stream.has_masks:
+            masks = torch.from_numpy(np.stack([it.instance_mask for it in items]))
+            labels = patch_labels(masks, self.cfg.encoder.patch_size)
+            losses["group"] = grouping_loss(vt.content, labels)
+            losses["concept"] = self._concept_loss(vt, items, labels)
+        else:
+            losses["concept"] = self._caption_contrast(vt, items)
+        return self._apply(losses)
+
+    def _concept_loss(self, vt, items: list[TrainItem], labels: torch.Tensor) -> torch.Tensor:
+        owners = owner_tokens(vt.clusters.assignment, labels, [len(it.concepts) for it in items])
+        vecs, ids, names = [], [], []
+        for (b, t), concept in zip(owners, [c for it in items for c in it.concepts]):
+            if t >= 0:
+                vecs.append(vt.tokens[b, t])
+                ids.append(self.model.encode_text(concept))
+                names.append(concept)
+        return self.concept(torch.stack(vecs), ids, names)
+
+    def _caption_contrast(self, vt, items: list[TrainItem]) -> torch.Tensor:
+        """Without masks, the whole caption is the concept of the mean token of the image."""
+        valid = (torch.arange(vt.tokens.shape[1]) < vt.clusters.num_tokens.unsqueeze(1)).float()
+        pooled = (vt.tokens * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True)
+        names = [it.caption for it in items]
+        return self.concept(pooled, [self.model.encode_text(n) for n in names], names)
+
+    # ---- stage 2 ---------------------------------------------------------------------------
+    def step_stage2(self, step: int) -> dict[str, float]:
+        items = self.stream.batch(self.steps[0] + step, self.batch)
+        rng = random.Random(self.opts.seed * 1_000_003 + step)
+        with torch.no_grad():
+            px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
+            vt = self.model.vision(px)
+        seqs = []
+        for i, it in enumerate(items):
+            k = int(vt.clusters.num_tokens[i])
+            seqs += task_sequences(self.model, it, vt.tokens[i, :k], vt.clusters.assignment[i], rng)
+        return self._apply(self.model.losses(seqs))
+
+    def _apply(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        total = sum(losses.values())
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+        self.opt.step()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save(self, final: bool) -> None:
+        state = dict(self.state, finished=final, preset=self.opts.preset, seed=self.opts.seed,
+                     data=self.opts.data, steps=list(self.steps))
+        self.model.save_pretrained(self.opts.out, extra=state, optimizer=None if final else self._opt_tensors())
+        log.info("checkpoint: %s (stage %s step %s)", self.opts.out, state["stage"], state["step"])
+
+    def _opt_tensors(self) -> dict[str, torch.Tensor]:
+        flat = {}
+        for pid, st in self.opt.state_dict()["state"].items():
+            for name, value in st.items():
+                flat[f"opt.{pid}.{name}"] = torch.as_tensor(value).contiguous()
+        for name, p in self.concept.state_dict().items():
+            flat[f"concept.{name}"] = p.contiguous()
+        return flat
+
+    def _load_optimizer(self) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(self.opts.out) / "optimizer.safetensors"
+        if not path.is_file():
+            return
+        flat = load_file(str(path))
+        self.concept.load_state_dict({k[8:]: v for k, v in flat.items() if k.startswith("concept.")})
+        sd = self.opt.state_dict()
+        for key, value in flat.items():
+            if key.startswith("opt."):
+                _, pid, name = key.split(".", 2)
+                sd["state"].setdefault(int(pid), {})[name] = value
+        self.opt.load_state_dict(sd)
+
+
+def task_sequences(model: Setokim, it: TrainItem, tokens: torch.Tensor, assignment: torch.Tensor,
+                   rng: random.Random) -> list[Sequence]:
+    """The stage-2 sequences of one image: caption, one QA, one referring expression, generation."""
+    eos = [model.ids[T.EOS]]
+    enc = model.encode_text
+    seqs = [model.image_prefix(tokens).add(enc(CAPTION_PROMPT)).add(enc(it.caption) + eos, True)]
+    if it.qa:
+        q, a = rng.choice(it.qa)
+        seqs.append(model.image_prefix(tokens).add(enc(QUESTION_PROMPT.format(q=q))).add(enc(a) + eos, True))
+    if it.referring:
+        expr, mask = rng.choice(it.referring)
+        s = model.image_prefix(tokens).add(enc(REFER_PROMPT.format(e=expr)))
+        s.seg_labels = token_labels(mask, assignment, tokens.shape[0], model.cfg.encoder.patch_size)
+        seqs.append(s)
+    k = tokens.shape[0]
+    gen = model.generation_prefix(it.caption)
+    gen.add([model.ids[T.IM_START]] + [model.ids[T.TARGET]] * k + [model.ids[T.IM_END]] + eos, True)
+    gen.targets = tokens
+    seqs.append(gen)
+    return seqs
+
+
+def token_labels(mask: np.ndarray, assignment: torch.Tensor, k: int, patch: int) -> torch.Tensor:
+    """A token belongs to a referred object when most of its patches lie inside the mask."""
+    inside = patch_labels(torch.from_numpy(mask.astype(np.int64))[None], patch)[0].float()  # (N,)
+    frac = torch.zeros(k).index_add_(0, assignment, inside) / torch.bincount(assignment, minlength=k).clamp_min(1)
+    return (frac >= 0.5).long()

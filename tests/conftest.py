@@ -1,0 +1,13 @@
+"""Session fixtures: one tiny checkpoint trained for real, shared by every test that needs one."""
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from setok.train import TrainOptions, train
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    return train(TrainOptions(preset="tiny", out=out, steps=16, ckpt_every=1000))
