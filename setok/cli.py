@@ -65,13 +65,18 @@ def train(**kw) -> None:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the metrics here.")
 @click.option("--n", type=click.IntRange(1), default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
+              help="For a bundle: the runtime backend.")
 @user_errors
-def eval_(target: Path, json_out: Path | None, n: int, seed: int) -> None:
-    """Evaluate a checkpoint on held-out synthetic scenes."""
-    from setok.evaluate import evaluate_checkpoint
+def eval_(target: Path, json_out: Path | None, n: int, seed: int, backend: str) -> None:
+    """Evaluate a checkpoint, or an exported bundle, on held-out synthetic scenes."""
+    from setok.evaluate import evaluate_bundle, evaluate_checkpoint
     from setok.io import write_json
 
-    result = evaluate_checkpoint(_checkpoint(target), n=n, seed=seed)
+    if (target / "manifest.json").is_file():
+        result = evaluate_bundle(target, n=n, seed=seed, backend=backend)
+    else:
+        result = evaluate_checkpoint(_checkpoint(target), n=n, seed=seed)
     if json_out:
         write_json(json_out, result)
     click.echo(json.dumps(result, indent=2, sort_keys=True))
@@ -87,6 +92,67 @@ def demo(ckpt: Path | None, out: Path, n: int) -> None:
     from setok.demo import run_demo
 
     run_demo(ckpt, out, n, echo=click.echo)
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
+@click.option("--opset", type=click.IntRange(14, 21), default=17, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1), default=None, help="Override the cluster stage's max_tokens.")
+@user_errors
+def export(ckpt: Path, out: Path, opset: int, max_tokens: int | None) -> None:
+    """Export every stage of a checkpoint to ONNX, validated against PyTorch, plus manifest.json."""
+    from setok.export.onnx import export_bundle
+
+    export_bundle(_checkpoint(ckpt), out, opset=opset, max_tokens=max_tokens)
+    click.echo(f"bundle written to {out}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--image", type=click.Path(path_type=Path), default=None, help="Image file to tokenize.")
+@click.option("--ask", default=None, help="A question about the image.")
+@click.option("--segment", "expression", default=None, help="A referring expression to segment.")
+@click.option("--generate", default=None, help="A caption to draw an image from.")
+@click.option("--save-masks", type=click.Path(path_type=Path), default=None, help="PNG of the token masks (and segmentation).")
+@click.option("--save-image", type=click.Path(path_type=Path), default=None, help="PNG of the generated image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@user_errors
+def run(bundle: Path, image: Path | None, ask: str | None, expression: str | None, generate: str | None,
+        save_masks: Path | None, save_image: Path | None, as_json: bool) -> None:
+    """Run a bundle with the torch-free runtime."""
+    from setok.runtime.cli_run import run_bundle
+
+    result = run_bundle(bundle, image, ask, expression, generate, save_masks, save_image)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        for key, value in result.items():
+            click.echo(f"{key}: {value}")
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--images", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="A folder of real photos (any size or mode); default: synthetic scenes.")
+@click.option("--n", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@user_errors
+def parity(ckpt: Path, bundle: Path, images: Path | None, n: int, precision: str, json_out: Path | None) -> None:
+    """Check every exported stage, and the whole chain, against PyTorch."""
+    from setok.io import write_json
+    from setok.parity import format_table, run_parity
+
+    if images is not None and not images.is_dir():
+        raise SetokError(f"--images {images}: no such folder; expected a folder of image files")
+    result = run_parity(_checkpoint(ckpt), bundle, images, n, precision)
+    if json_out:
+        write_json(json_out, result)
+    click.echo(format_table(result))
+    if not result["passed"]:
+        sys.exit(1)
 
 
 def _checkpoint(path: Path) -> Path:

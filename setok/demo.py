@@ -44,7 +44,32 @@ def run_demo(ckpt: Path | None, out: Path, n: int, echo: Callable[[str], None]) 
         value = metrics[key]
         echo(f"  {key:26s} {value:.3f}" if isinstance(value, float) else f"  {key:26s} {value}")
     show_scenes(ckpt, out / "scenes.png", echo)
+    bundle_demo(Path(ckpt), out, echo)
     return metrics
+
+
+def bundle_demo(ckpt: Path, out: Path, echo: Callable[[str], None], n_parity: int = 8) -> dict:
+    """Export the checkpoint, run the bundle with the torch-free runtime, and print parity."""
+    from setok.data.items import eval_items
+    from setok.export.onnx import export_bundle
+    from setok.io import write_json
+    from setok.parity import format_table, run_parity
+    from setok.runtime import Pipeline
+
+    bundle = export_bundle(ckpt, out / "bundle")
+    echo(f"exported the bundle to {bundle}")
+    pipe = Pipeline.open(bundle)
+    for i, it in enumerate(eval_items(2, seed=123)):
+        vt = pipe.tokenize(it.image)
+        cap = pipe.caption(vt)
+        ms = {k: round(v * 1000, 1) for k, v in cap.timings.items()}
+        echo(f"bundle scene {i}: {vt.num_tokens} tokens; caption: {cap.text}")
+        echo(f"  per-stage ms: {ms}")
+    result = run_parity(ckpt, bundle, n=n_parity)
+    write_json(out / "parity.json", result)
+    echo(f"parity, PyTorch vs ONNX Runtime on {n_parity} held-out scenes:")
+    echo(format_table(result))
+    return result
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from setok.tau import calibrate_tau
 
 log = logging.getLogger(__name__)
 
-PRESET_STEPS = {"tiny": (50, 70), "small": (700, 900)}  # (stage 1, stage 2) steps
+PRESET_STEPS = {"tiny": (50, 70), "small": (1200, 1500)}  # (stage 1, stage 2) steps
 PRESET_BATCH = {"tiny": 16, "small": 32}
 PRESET_LR = {"tiny": 2e-3, "small": 1e-3}
 
@@ -202,6 +202,8 @@ class Trainer:
         return self._apply(self.model.losses(seqs))
 
     def _apply(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * lr_scale(self.state["step"], self.steps[self.state["stage"] - 1])
         total = sum(losses.values())
         self.opt.zero_grad(set_to_none=True)
         total.backward()
@@ -239,6 +241,17 @@ class Trainer:
                 _, pid, name = key.split(".", 2)
                 sd["state"].setdefault(int(pid), {})[name] = value
         self.opt.load_state_dict(sd)
+
+
+def lr_scale(step: int, total: int) -> float:
+    """Linear warm-up then cosine decay to 10%: a pure function of the step, so resume is exact."""
+    import math
+
+    warmup = min(50, max(1, total // 10))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def task_sequences(model: Setokim, it: TrainItem, tokens: torch.Tensor, assignment: torch.Tensor,

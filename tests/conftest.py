@@ -11,3 +11,10 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     return train(TrainOptions(preset="tiny", out=out, steps=16, ckpt_every=1000))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
+    from setok.export.onnx import export_bundle
+
+    return export_bundle(tiny_ckpt, tmp_path_factory.mktemp("bundle") / "tiny")

@@ -29,7 +29,8 @@ def pairwise_sq(x: Tensor) -> Tensor:
     sq = (x * x).sum(-1)  # (B, N)
     # Expansion instead of (B, N, N, C) differences: memory N^2 instead of N^2 * C.
     d2 = sq.unsqueeze(2) + sq.unsqueeze(1) - 2.0 * torch.matmul(x, x.transpose(1, 2))
-    eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+    idx = torch.arange(x.shape[1], device=x.device)
+    eye = idx[:, None] == idx[None, :]  # not torch.eye: its bool EyeLike does not run in ORT
     return d2.clamp_min(0.0).masked_fill(eye, 0.0) / c  # rounding can leave tiny diagonal values
 
 
@@ -45,13 +46,17 @@ def neighbour_mean(d2: Tensor, k: int) -> Tensor:
     neighbour multisets give bit-equal m in every implementation (torch, ONNX, Triton), so
     ties stay ties and are broken by index as SETOK.md says, not by rounding noise.
     """
-    k = min(k, d2.shape[-1])
-    nearest = torch.topk(d2, k, dim=-1, largest=False).values  # (B, N, k), ascending
+    n = d2.shape[-1]
+    # k columns of +inf make topk(k) valid for any N (an exported graph has N dynamic); the
+    # padding is zeroed after, which keeps the float32 sum bit-exact, and we divide by min(k, N).
+    pad = torch.full_like(d2[..., :1], float("inf")).expand(*d2.shape[:-1], k)
+    nearest = torch.topk(torch.cat([d2, pad], -1), k, dim=-1, largest=False).values  # (B, N, k) ascending
+    valid = torch.arange(k, device=d2.device) < n
+    nearest = nearest.masked_fill(~valid, 0.0)
     acc = nearest[..., 0]
     for j in range(1, k):
         acc = acc + nearest[..., j]
-    return acc / k
-
+    return acc / valid.sum().to(acc.dtype)
 
 
 def denser_than(m: Tensor) -> Tensor:
@@ -91,11 +96,11 @@ def select_centers(score: Tensor, cfg: ClusterConfig) -> Tensor:
     Passing centers are exactly the top-`npass` by rank, so every case of SETOK.md (none pass,
     too many pass) is "the top K by rank" with K = clamp(npass, min_tokens, max_tokens).
     When 0 < npass < min_tokens we also fill up to min_tokens, so the count always lies in
-    [min_tokens, max_tokens] (capped at N).
+    [min_tokens, max_tokens] (capped at N). A plain clamp, so N stays dynamic in an export.
     """
-    n = score.shape[-1]
     npass = (score > cfg.tau).sum(-1, keepdim=True)  # (B, 1)
-    count = npass.clamp(min(cfg.min_tokens, n), min(cfg.max_tokens, n))
+    # No min(., N) on the bounds: npass <= N, and a count >= N selects every patch anyway.
+    count = npass.clamp(cfg.min_tokens, cfg.max_tokens)
     return score_rank(score) < count
 
 

@@ -62,7 +62,7 @@ class Encoder(nn.Module):
     def features(self, pixel_values: Tensor) -> Tensor:
         """Normalised content features (B, N, C), before the position code."""
         h = self.backbone(pixel_values)
-        return nn.functional.layer_norm(h, h.shape[-1:])
+        return nn.functional.layer_norm(h, (self.cfg.width,))
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.features(pixel_values) + self.pos_out  # (B, N, C): `patch_features`

@@ -31,13 +31,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, ctx: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """x (B, L, C) attends to ctx (B, S, C') (itself if None); mask (B, L|1, S) True = may attend."""
+        """x (B, L, C) attends to ctx (B, S, C') (itself if None).
+
+        mask: bool (B, L|1, S), True = may attend; or an additive float bias (B, heads, L, S).
+        """
         ctx = x if ctx is None else ctx
         b, l, c = x.shape
         s, h = ctx.shape[1], self.heads
         q = self.q(x).reshape(b, l, h, c // h).transpose(1, 2)  # (B, L, C) -> (B, h, L, C/h)
         k, v = self.kv(ctx).reshape(b, s, 2, h, c // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, S, C/h)
-        if mask is not None:
+        if mask is not None and mask.dim() == 3:
             mask = mask.unsqueeze(1)  # (B, 1, L|1, S): same mask for every head
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, L, C/h)
         return self.proj(out.transpose(1, 2).reshape(b, l, c))  # (B, h, L, C/h) -> (B, L, C)

@@ -20,19 +20,31 @@ def cluster_onehot(assignment: Tensor, max_tokens: int) -> Tensor:
     return (assignment.unsqueeze(-1) == slots).float()
 
 
+def patch_coords(grid: int) -> Tensor:
+    """(N, 2) patch centres (x, y) in [0, 1], raster order."""
+    c = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    ys, xs = torch.meshgrid(c, c, indexing="ij")
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
+
+
 def token_mask(num_tokens: Tensor, max_tokens: int) -> Tensor:
     """(B,) counts -> (B, T) True for real tokens."""
     return torch.arange(max_tokens, device=num_tokens.device).unsqueeze(0) < num_tokens.unsqueeze(1)
 
 
 class Merger(nn.Module):
-    def __init__(self, cfg: MergerConfig, width: int, max_tokens: int):
+    """Token layout: dims 0-1 hold the cluster's centroid (x, y) in [0, 1]; the rest is learned.
+    An explicit "where" lets the detokenizer place each token from the first step, and the LLM
+    regresses it like any other dimension when it generates an image."""
+
+    def __init__(self, cfg: MergerConfig, width: int, max_tokens: int, grid: int):
         super().__init__()
         self.max_tokens = max_tokens
+        self.register_buffer("coords", patch_coords(grid), persistent=False)
         self.inner = nn.ModuleList(Block(width, cfg.heads) for _ in range(cfg.inner_depth))
         self.inter = nn.ModuleList(Block(width, cfg.heads) for _ in range(cfg.inter_depth))
         self.norm = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, cfg.token_dim)
+        self.proj = nn.Linear(width, cfg.token_dim - 2)
         init_weights(self)
 
     def forward(self, patch_features: Tensor, assignment: Tensor, num_tokens: Tensor) -> Tensor:
@@ -48,5 +60,6 @@ class Merger(nn.Module):
         keys = valid.unsqueeze(1)  # (B, 1, T): every token attends to real tokens only
         for blk in self.inter:
             tokens = blk(tokens, mask=keys)
-        out = self.proj(self.norm(tokens))  # (B, T, D)
+        where = member.transpose(1, 2) @ self.coords / counts  # (B, T, N) @ (N, 2) -> (B, T, 2)
+        out = torch.cat([where, self.proj(self.norm(tokens))], -1)  # (B, T, D)
         return out * valid.unsqueeze(-1).to(out.dtype)

@@ -33,7 +33,7 @@ class VisionTokenizer(nn.Module):
         self.cfg = cfg
         width = cfg.encoder.width
         self.encoder = Encoder(cfg.encoder)
-        self.merger = Merger(cfg.merger, width, cfg.max_tokens)
+        self.merger = Merger(cfg.merger, width, cfg.max_tokens, cfg.encoder.grid)
         self.detokenizer = Detokenizer(cfg.detokenizer, cfg.encoder, cfg.merger.token_dim)
 
     def cluster(self, features: Tensor) -> Clusters:

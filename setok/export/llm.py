@@ -1,0 +1,273 @@
+"""Export the LLM stage (a Hugging Face decoder reading `inputs_embeds`) to one ONNX graph with KV cache.
+
+How optimum is used: `LlamaOnnxConfig` (task "text-generation-with-past", i.e. `text-generation` with
+`use_past=True, use_past_in_inputs=True`) is subclassed so the graph takes `inputs_embeds` instead of
+`input_ids` and returns the last hidden state next to `logits` and `present.*`. optimum's
+`exporters.onnx.export` then does the work: dummy inputs from its generators, dynamic axes from the
+config, its `ModelPatcher` (traceable causal masks, DynamicCache <-> tuple conversion, TorchScript
+workarounds for transformers >= 4.53) and `fix_dynamic_axes`; `validate_model_outputs` checks the file.
+
+A thin wrapper module sits between optimum and the LLM for two reasons: the ONNX input order follows the
+traced forward signature (LlamaForCausalLM puts `inputs_embeds` after `past_key_values`), and HF returns
+*all* layers' hidden states, of which we want only the last one (after the final norm).
+
+One graph serves prefill and decode: the runtime feeds an empty past `[B, kv_heads, 0, head_dim]` for
+the prefill. That works in ONNX Runtime (Concat with a zero-length axis), so no dummy past of length 1
+is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ONNX_NAME = "llm.onnx"
+# ONNX protobufs cap at 2 GB; past that the weights must live next to the graph.
+EXTERNAL_DATA_BYTES = int(1.8e9)
+LOGITS_ATOL = 1e-3
+EXPORT_ATTENTION = "eager"
+
+
+# Names in graph order. The per-layer entries are templates ("{i}" = layer index) because the layer
+# count belongs to the model; `expand_names(LLM_INPUTS, num_layers)` gives the exact list of a graph.
+LLM_INPUTS = (
+    "inputs_embeds", "attention_mask", "position_ids", "past_key_values.{i}.key", "past_key_values.{i}.value",
+)
+LLM_OUTPUTS = ("logits", "hidden_states", "present.{i}.key", "present.{i}.value")
+
+
+def expand_names(names: tuple[str, ...], num_layers: int) -> tuple[str, ...]:
+    fixed = tuple(n for n in names if "{i}" not in n)
+    per_layer = tuple(n for n in names if "{i}" in n)
+    return fixed + tuple(n.format(i=i) for i in range(num_layers) for n in per_layer)
+
+
+class EmbedsCausalLM(nn.Module):
+    """Forward in the ONNX input order; returns logits, the normed last hidden state and the cache."""
+
+    def __init__(self, llm: nn.Module):
+        super().__init__()
+        self.llm = llm
+        self.config = llm.config  # optimum reads and overrides (use_cache, return_dict) the config
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values=None):
+        out = self.llm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=True, output_hidden_states=True, return_dict=True,
+        )
+        # A dict in this order: optimum's patcher keeps it and torch.onnx names the flattened outputs
+        # positionally (logits, hidden_states, present.*).
+        return OrderedDict(
+            logits=out.logits, hidden_states=out.hidden_states[-1], past_key_values=out.past_key_values
+        )
+
+
+def _onnx_config_class():
+    # Imported lazily: optimum is an export-time dependency, the runtime never needs it.
+    from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
+    from optimum.utils import DummyInputGenerator
+
+    class DummyEmbedsGenerator(DummyInputGenerator):
+        SUPPORTED_INPUT_NAMES = ("inputs_embeds",)
+
+        def __init__(self, task, normalized_config, batch_size=2, sequence_length=16, **kwargs):
+            self.batch_size, self.sequence_length = batch_size, sequence_length
+            self.hidden_size = normalized_config.hidden_size
+
+        def generate(self, input_name, framework="pt", int_dtype="int64", float_dtype="fp32"):
+            shape = [self.batch_size, self.sequence_length, self.hidden_size]
+            return self.random_float_tensor(shape, framework=framework, dtype=float_dtype)
+
+    class LlamaEmbedsOnnxConfig(LlamaOnnxConfig):
+        DUMMY_INPUT_GENERATOR_CLASSES = (DummyEmbedsGenerator,) + LlamaOnnxConfig.DUMMY_INPUT_GENERATOR_CLASSES
+        # The base pads the mask to past+seq by reading input_ids; we do it from inputs_embeds below.
+        PAD_ATTENTION_MASK_TO_PAST = False
+
+        @property
+        def inputs(self):
+            common = OrderedDict(
+                inputs_embeds={0: "batch_size", 1: "sequence_length"},
+                attention_mask={0: "batch_size", 1: "past_sequence_length + sequence_length"},
+                position_ids={0: "batch_size", 1: "sequence_length"},
+            )
+            self.add_past_key_values(common, direction="inputs")
+            return common
+
+        @property
+        def outputs(self):
+            common = OrderedDict(
+                logits={0: "batch_size", 1: "sequence_length"},
+                hidden_states={0: "batch_size", 1: "sequence_length"},
+            )
+            self.add_past_key_values(common, direction="outputs")
+            return common
+
+        def _create_dummy_input_generator_classes(self, **kwargs):
+            # A past shorter than the new sequence, so no "past == seq" equality is baked into the trace.
+            past = {**kwargs, "sequence_length": max(1, kwargs.get("sequence_length", 16) // 2 + 1)}
+            pkv = self.DUMMY_PKV_GENERATOR_CLASS
+            return [c(self.task, self._normalized_config, **(past if c is pkv else kwargs))
+                    for c in self.DUMMY_INPUT_GENERATOR_CLASSES]
+
+        def generate_dummy_inputs(self, framework="pt", **kwargs):
+            dummy = super().generate_dummy_inputs(framework=framework, **kwargs)
+            seq = dummy["inputs_embeds"].shape[1]
+            past = dummy["past_key_values"][0][0].shape[-2]
+            dummy["attention_mask"] = DummyInputGenerator.pad_input_on_dim(
+                dummy["attention_mask"], desired_length=past + seq, dim=1
+            )
+            # Positions continue after the past, as at decode time.
+            pos = np.arange(past, past + seq)[None].repeat(dummy["inputs_embeds"].shape[0], 0)
+            dummy["position_ids"] = torch.from_numpy(pos) if framework == "pt" else pos
+            return dummy
+
+    return LlamaEmbedsOnnxConfig
+
+
+def _onnx_config(llm):
+    cls = _onnx_config_class()
+    return cls(llm.config, task="text-generation", use_past=True, use_past_in_inputs=True)
+
+
+def _set_attention(llm, impl: str | None) -> str | None:
+    """Switch the attention implementation, returning the previous one (to restore afterwards)."""
+    before = getattr(llm.config, "_attn_implementation", None)
+    if impl is None or impl == before:
+        return before
+    if hasattr(llm, "set_attn_implementation"):  # transformers >= 4.56
+        llm.set_attn_implementation(impl)
+    else:
+        llm.config._attn_implementation = impl
+    return before
+
+
+def export_llm(llm, out_dir: Path, opset: int = 17) -> Path:
+    """Write out_dir/llm.onnx (fp32, dynamic batch / sequence / past) and return its path."""
+    from optimum.exporters.onnx.convert import export, validate_model_outputs
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ONNX_NAME
+    config = _onnx_config(llm)
+    wrapper = EmbedsCausalLM(llm).eval()
+    # Eager attention: both eager and SDPA export cleanly at opset 17 here, but eager is the plainer
+    # graph (MatMul/Softmax, no IsNaN/Where guards for fully masked rows) for the later INT8/TRT stages.
+    before = _set_attention(llm, EXPORT_ATTENTION)
+    use_cache = getattr(llm.config, "use_cache", None)  # optimum overrides it on the shared config
+    training = llm.training  # export needs eval mode; a caller mid-training gets its mode back
+    try:
+        shapes = {"batch_size": 2, "sequence_length": 16}
+        with warnings.catch_warnings():
+            # The tracer flags two Python branches it freezes: "cache is empty?" (traced with a
+            # non-empty past, so the frozen branch is the Concat that also handles length 0) and
+            # "mask shorter than kv?" (never: the runtime always feeds the full past+seq mask).
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            export(wrapper, config, path, opset=opset, input_shapes=shapes)
+        validate_model_outputs(config, wrapper, path, list(config.outputs), atol=1e-4,
+                               input_shapes=shapes, use_subprocess=False)
+    finally:
+        _set_attention(llm, before)
+        llm.train(training)
+        if use_cache is not None:
+            llm.config.use_cache = use_cache
+    _maybe_externalize(path)
+    log.info("exported %s (opset %d, %d layers)", path, opset, llm.config.num_hidden_layers)
+    return path
+
+
+def _maybe_externalize(path: Path) -> None:
+    import onnx
+
+    if path.stat().st_size <= EXTERNAL_DATA_BYTES:
+        return
+    model = onnx.load(str(path))
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data")
+
+
+# ---- validation ----------------------------------------------------------------------------------
+def _session(onnx_path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # tiny graphs; don't fight the other stages for cores
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def empty_past(session, batch: int) -> dict[str, np.ndarray]:
+    """Past of length 0, shaped from the graph's own static dims [B, kv_heads, 0, head_dim]."""
+    feeds = {}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values."):
+            _, heads, _, head_dim = inp.shape
+            feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), np.float32)
+    return feeds
+
+
+def _compare(stats: dict, step: str, ref: dict, got: dict, real: torch.Tensor) -> None:
+    """Compare at real (unpadded) query positions only: a padded query sees no key at all, and eager
+    (our graph: uniform softmax) and SDPA (PyTorch default) fill that don't-care row differently."""
+    keep = real.numpy().astype(bool)
+    for name in ("logits", "hidden_states"):
+        a = ref[name].detach().double().numpy()[keep].ravel()
+        b = got[name].astype(np.float64)[keep].ravel()
+        stats[f"{step}_{name}_max_abs"] = float(np.abs(a - b).max())
+        stats[f"{step}_{name}_cos"] = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+
+
+def _torch_step(llm, embeds, mask, pos, past):
+    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=past,
+              use_cache=True, output_hidden_states=True)
+    return {"logits": out.logits, "hidden_states": out.hidden_states[-1]}, out.past_key_values
+
+
+def _ort_step(session, embeds, mask, pos, past):
+    feeds = {"inputs_embeds": embeds.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(), **past}
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, feeds)))
+    return out, presents_as_past(out)
+
+
+def presents_as_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The next step's past feeds: present.{i}.key -> past_key_values.{i}.key."""
+    return {n.replace("present.", "past_key_values.", 1): v for n, v in outputs.items() if n.startswith("present.")}
+
+
+@torch.no_grad()
+def validate_llm(llm, onnx_path: Path, seed: int = 0) -> dict[str, float]:
+    """ORT vs PyTorch: prefill (batch 2, seq 7, empty past; row 1 left-padded as Setokim.greedy does)
+    then one decode step fed with each side's own presents. Raises ValueError on a logits mismatch."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, seq, hidden = 2, 7, llm.config.hidden_size
+    embeds = torch.randn(batch, seq, hidden, generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, :2] = 0
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # positions count real tokens only, like Setokim.collate
+    session = _session(onnx_path)
+    stats: dict[str, float] = {}
+
+    ref, cache = _torch_step(llm.eval(), embeds, mask, pos, None)
+    got, past = _ort_step(session, embeds, mask, pos, empty_past(session, batch))
+    _compare(stats, "prefill", ref, got, mask == 1)
+
+    step = torch.randn(batch, 1, hidden, generator=gen)
+    mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], 1)
+    pos = pos[:, -1:] + 1
+    ref, _ = _torch_step(llm, step, mask, pos, cache)
+    got, _ = _ort_step(session, step, mask, pos, past)
+    _compare(stats, "decode", ref, got, mask[:, -1:] == 1)
+
+    log.info("LLM ONNX vs PyTorch: %s", {k: f"{v:.3g}" for k, v in stats.items()})
+    for step_name in ("prefill", "decode"):
+        diff = stats[f"{step_name}_logits_max_abs"]
+        if not diff <= LOGITS_ATOL:  # also catches NaN
+            raise ValueError(f"{step_name} logits differ: max abs diff {diff:.3g} > {LOGITS_ATOL}")
+    return stats

@@ -1,0 +1,92 @@
+"""Check an exported stage against its torch module; a failure lists every output's numbers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from setok.errors import SetokError
+from setok.export.stages import Stage, Tolerance
+
+log = logging.getLogger(__name__)
+
+
+class ValidationError(SetokError):
+    """An exported stage disagrees with PyTorch beyond its tolerance."""
+
+
+@dataclass
+class Comparison:
+    output: str
+    cosine: float | None = None
+    norm_ratio: float | None = None
+    max_abs: float | None = None
+    match: float | None = None  # integer outputs: fraction identical
+
+    def failures(self, tol: Tolerance) -> list[str]:
+        if self.match is not None:
+            return [] if self.match >= tol.int_match else [f"{self.output}: {self.match:.4%} identical (need {tol.int_match:.2%})"]
+        bad = []
+        diff = f" (max abs diff {self.max_abs:.3g})"
+        if self.cosine < tol.cosine:
+            bad.append(f"{self.output}: cosine {self.cosine:.6f} < {tol.cosine}{diff}")
+        if abs(self.norm_ratio - 1) > tol.norm_ratio:
+            bad.append(f"{self.output}: norm ratio {self.norm_ratio:.6f} off by more than {tol.norm_ratio}{diff}")
+        if tol.max_abs is not None and self.max_abs > tol.max_abs:
+            bad.append(f"{self.output}: max abs diff {self.max_abs:.3g} > {tol.max_abs}")
+        return bad
+
+
+def compare(name: str, ref: np.ndarray, got: np.ndarray) -> Comparison:
+    if ref.shape != got.shape:
+        raise ValidationError(f"{name}: shape {got.shape} from ONNX, {ref.shape} from PyTorch")
+    if np.issubdtype(ref.dtype, np.integer):
+        return Comparison(name, match=float(np.mean(ref == got)) if ref.size else 1.0)
+    a, b = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    cos = 1.0 if na == nb == 0 else float(a @ b / max(na * nb, 1e-30))
+    ratio = 1.0 if na == 0 and nb == 0 else float(nb / max(na, 1e-30))
+    return Comparison(name, cos, ratio, float(np.max(np.abs(a - b))) if a.size else 0.0)
+
+
+def session(path: Path, plugin: bool = False):
+    import onnxruntime as ort
+
+    opts = None
+    if plugin:
+        from setok.runtime.cluster_op import plugin_session_options
+
+        opts = plugin_session_options()
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def validate_stage(stage: Stage, model, path: Path, example: dict) -> list[Comparison]:
+    """Run the ONNX file and the torch module on `example`; raise ValidationError on a miss."""
+    if stage.name == "llm":
+        from setok.export.llm import validate_llm
+
+        stats = validate_llm(model.llm, path)
+        log.info("llm: %s", stats)
+        return []
+    build = stage.module or _cluster_module  # cluster_plugin is checked against the torch cluster
+    module = build(model).eval()
+    ref = module(*(example[n] for n in stage.inputs))
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    feeds = {n: v.numpy() for n, v in example.items() if n in stage.inputs}
+    got = session(path, plugin=stage.name == "cluster_plugin").run(list(stage.outputs), feeds)
+    comps = [compare(n, r.numpy(), g) for n, r, g in zip(stage.outputs, ref, got)]
+    bad = [f for c in comps for f in c.failures(stage.tolerance)]
+    if bad:
+        raise ValidationError(f"stage {stage.name} ({path.name}) disagrees with PyTorch: " + "; ".join(bad))
+    return comps
+
+
+def _cluster_module(model):
+    from setok.export.stages import ClusterStage
+
+    return ClusterStage(model.vision)

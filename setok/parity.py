@@ -1,0 +1,187 @@
+"""`setok parity CKPT BUNDLE`: every exported stage against PyTorch, per stage and end to end.
+
+Each stage is fed the same (PyTorch-produced) inputs on both sides, so a difference is that
+stage's own; end to end, each side runs its own full chain from the image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from setok import manifest as M
+from setok.errors import InputError
+from setok.eval.metrics import iou, psnr
+from setok.export.validate import compare
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Gates:
+    cosine: float = 0.99999
+    norm_ratio: float = 1e-4
+    int_match: float = 1.0  # assignments, num_tokens
+    greedy_match: float = 1.0  # captions / answers / teacher-forced tokens
+    mask_iou: float = 1.0
+    gen_psnr: float = 40.0  # dB between the two generated images
+
+
+GATES = {"fp32": Gates(), "int8": Gates(cosine=0.99, norm_ratio=0.02, int_match=0.98, greedy_match=0.9, mask_iou=0.9, gen_psnr=25.0)}
+
+
+def parity_images(images: Path | None, n: int, size: int) -> list[np.ndarray]:
+    from setok.data.items import eval_items
+    from setok.runtime.preprocess import to_rgb_array
+
+    if images is None:
+        return [it.image for it in eval_items(n, seed=77, size=size)]
+    files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+    if not files:
+        raise InputError(f"--images {images}: no image files (png, jpg, bmp, webp, tif, gif) found")
+    return [to_rgb_array(p, size) for p in files[:n]]
+
+
+@torch.no_grad()
+def run_parity(ckpt: Path, bundle: Path, images: Path | None = None, n: int = 32, precision: str = "fp32") -> dict:
+    from tqdm.auto import tqdm
+
+    from setok.model.setokim import Setokim
+    from setok.runtime import Pipeline
+
+    model = Setokim.from_pretrained(ckpt)
+    pipe = Pipeline.open(bundle)
+    rows: dict[str, list] = defaultdict(list)
+    for rgb in tqdm(parity_images(images, n, model.cfg.encoder.image_size), desc="parity", unit="image", dynamic_ncols=True):
+        _stages(model, pipe, rgb, rows)
+        _end_to_end(model, pipe, rgb, rows)
+    return summarize(rows, GATES[precision])
+
+
+def _feeds(**kw) -> dict[str, np.ndarray]:
+    return {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+def _stages(model, pipe, rgb: np.ndarray, rows: dict) -> None:
+    from setok.model.encoder import preprocess
+
+    px = preprocess(torch.from_numpy(rgb[None]))
+    feats = model.vision.encoder(px)
+    rows["encoder"].append(compare(M.PATCH_FEATURES, feats.numpy(), pipe.stage("encoder").run(_feeds(pixel_values=px))[M.PATCH_FEATURES]))
+    c = model.vision.cluster(feats)
+    for name in [s.name for s in pipe.manifest.stages if s.name.startswith("cluster")]:
+        got = pipe.stage(name).run(_feeds(patch_features=feats))
+        for key, ref in ((M.ASSIGNMENT, c.assignment), (M.NUM_TOKENS, c.num_tokens), (M.CENTERS, c.centers)):
+            rows[name].append(compare(key, ref.numpy(), got[key]))
+    tokens = model.vision.merger(feats, c.assignment, c.num_tokens)
+    got = pipe.stage("merger").run(_feeds(patch_features=feats, assignment=c.assignment, num_tokens=c.num_tokens))
+    rows["merger"].append(compare(M.VISION_TOKENS, tokens.numpy(), got[M.VISION_TOKENS]))
+    img = model.vision.detokenizer(tokens, c.num_tokens)
+    got = pipe.stage("detokenizer").run(_feeds(vision_tokens=tokens, num_tokens=c.num_tokens))
+    rows["detokenizer"].append(compare(M.IMAGE, img.numpy(), got[M.IMAGE]))
+    k = int(c.num_tokens[0])
+    emb = model.projector(tokens[0, :k])
+    rows["projector"].append(compare(M.EMBEDS, emb.numpy(), pipe.stage("projector").run(_feeds(vision_tokens=tokens[0, :k]))[M.EMBEDS]))
+    _llm(model, pipe, tokens[0, :k], rows)
+
+
+def _llm(model, pipe, vision: torch.Tensor, rows: dict) -> None:
+    """Teacher-forced: the same caption-task embeddings through both LLMs, token by token."""
+    from setok.model.setokim import CAPTION_PROMPT
+
+    seq = model.image_prefix(vision).add(model.encode_text(CAPTION_PROMPT))
+    batch = model.collate([seq])
+    logits, hidden = model.hidden(batch)
+    feeds = {"inputs_embeds": batch.embeds.numpy(), "attention_mask": batch.attention_mask.numpy(),
+             "position_ids": batch.position_ids.numpy(), **pipe._empty_past()}
+    out = pipe.stage("llm").run(feeds)
+    rows["llm"].append(compare("logits", logits.numpy(), out["logits"]))
+    rows["llm"].append(compare("hidden_states", hidden.numpy(), out["hidden_states"]))
+    agree = float(np.mean(logits.argmax(-1).numpy() == out["logits"].argmax(-1)))
+    rows["llm_teacher_forced"].append(agree)
+    h = hidden[0]
+    rows["regress_head"].append(compare(M.VISION_TOKENS, model.regress(h).numpy(),
+                                        pipe.stage("regress_head").run(_feeds(hidden=h))[M.VISION_TOKENS]))
+    q, kh = h[-1:], h[2:2 + vision.shape[0]][None]
+    ref = (model.seg_key(kh) @ model.seg_query(q).unsqueeze(-1)).squeeze(-1) / h.shape[-1] ** 0.5
+    rows["seg_head"].append(compare(M.SEG_LOGITS, ref.numpy(), pipe.stage("seg_head").run(_feeds(query_hidden=q, token_hidden=kh))[M.SEG_LOGITS]))
+
+
+def _end_to_end(model, pipe, rgb: np.ndarray, rows: dict) -> None:
+    from setok.evaluate import to_unit, token_mask_pixels
+    from setok.model.encoder import preprocess
+
+    vt = model.vision(preprocess(torch.from_numpy(rgb[None])))
+    tokens, counts = vt.tokens, vt.clusters.num_tokens
+    ort_tokens = pipe.tokenize(rgb)
+    caption = model.caption(tokens, counts)[0]
+    rows["caption_agreement"].append(float(caption == pipe.caption(ort_tokens).text))
+    question = "how many objects are there"
+    rows["answer_agreement"].append(float(model.answer(tokens, counts, [question])[0] == pipe.answer(ort_tokens, question).text))
+    expr = "the object at center"
+    sel = model.segment_tokens(tokens, counts, [expr])[0].numpy()
+    cfg = model.cfg.encoder
+    ref_mask = token_mask_pixels(vt.clusters.assignment[0].numpy(), sel, cfg.grid, cfg.patch_size)
+    rows["mask_iou"].append(iou(ref_mask, pipe.segment(ort_tokens, expr).mask))
+    gen_t, gen_c = model.generate_tokens([caption or "a red circle"])
+    ref_img = to_unit(model.vision.detokenizer(gen_t, gen_c))[0]
+    got_img = pipe.generate_image(caption or "a red circle").image.astype(np.float64) / 255.0
+    rows["generated_psnr"].append(psnr(ref_img, got_img))
+
+
+def summarize(rows: dict, gates: Gates) -> dict:
+    """Worst case over images, per stage and output; failures name what missed which gate."""
+    result: dict = {"stages": {}, "end_to_end": {}, "failures": []}
+    for stage, comps in rows.items():
+        if stage in ("llm_teacher_forced", "caption_agreement", "answer_agreement", "mask_iou", "generated_psnr"):
+            continue
+        per_output: dict = {}
+        for c in comps:
+            o = per_output.setdefault(c.output, {})
+            if c.match is not None:
+                o["identical"] = min(o.get("identical", 1.0), c.match)
+            else:
+                o["cosine"] = min(o.get("cosine", 1.0), c.cosine)
+                o["norm_ratio_error"] = max(o.get("norm_ratio_error", 0.0), abs(c.norm_ratio - 1))
+                o["max_abs"] = max(o.get("max_abs", 0.0), c.max_abs)
+        result["stages"][stage] = per_output
+        for out, o in per_output.items():
+            if o.get("identical", 1.0) < gates.int_match:
+                result["failures"].append(f"{stage}.{out}: {o['identical']:.2%} identical < {gates.int_match:.0%}")
+            if o.get("cosine", 1.0) < gates.cosine:
+                result["failures"].append(f"{stage}.{out}: cosine {o['cosine']:.6f} < {gates.cosine}")
+            if o.get("norm_ratio_error", 0.0) > gates.norm_ratio:
+                result["failures"].append(f"{stage}.{out}: norm ratio off by {o['norm_ratio_error']:.2e} > {gates.norm_ratio}")
+    e2e = {key: float(np.mean(rows[key])) for key in ("llm_teacher_forced", "caption_agreement", "answer_agreement", "mask_iou")}
+    e2e["generated_psnr_min"] = float(np.min(rows["generated_psnr"]))
+    result["end_to_end"] = e2e
+    for key in ("llm_teacher_forced", "caption_agreement", "answer_agreement"):
+        if e2e[key] < gates.greedy_match:
+            result["failures"].append(f"{key}: {e2e[key]:.2%} < {gates.greedy_match:.0%}")
+    if e2e["mask_iou"] < gates.mask_iou:
+        result["failures"].append(f"mask_iou: {e2e['mask_iou']:.4f} < {gates.mask_iou}")
+    if e2e["generated_psnr_min"] < gates.gen_psnr:
+        result["failures"].append(f"generated_psnr_min: {e2e['generated_psnr_min']:.1f} dB < {gates.gen_psnr} dB")
+    result["passed"] = not result["failures"]
+    result["images"] = len(rows["encoder"])
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'stage':16s} {'output':16s} {'cosine':>10s} {'norm err':>10s} {'max abs':>10s} {'identical':>10s}"]
+    def cell(o: dict, key: str, fmt: str) -> str:
+        return format(o[key], fmt) if key in o else "-".rjust(10)
+
+    for stage, outs in result["stages"].items():
+        for out, o in outs.items():
+            lines.append(f"{stage:16s} {out:16s} {cell(o, 'cosine', '10.6f')} {cell(o, 'norm_ratio_error', '10.2e')} "
+                         f"{cell(o, 'max_abs', '10.2e')} {cell(o, 'identical', '10.2%')}")
+    for key, value in result["end_to_end"].items():
+        lines.append(f"{'end to end':16s} {key:24s} {value:.4f}")
+    lines.append("PASS" if result["passed"] else "FAIL: " + "; ".join(result["failures"]))
+    return "\n".join(lines)

@@ -1,0 +1,292 @@
+"""The runtime: chains the bundle's stages with no torch import. It reads only the manifest and
+the files it names. Every result carries per-stage timings (seconds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from setok import manifest as M
+from setok.errors import InputError
+from setok.runtime.backend import OrtBackend
+from setok.runtime.preprocess import normalize, to_rgb_array
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tokens:
+    tokens: np.ndarray  # (K, D) exactly num_tokens vision tokens
+    assignment: np.ndarray  # (N,) token id per patch
+    centers: np.ndarray  # (K,) center patch per token
+    masks: np.ndarray  # (K, H, W) bool: the pixels each token owns
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass
+class Text:
+    text: str
+    token_ids: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Mask:
+    mask: np.ndarray  # (H, W) bool
+    selected: np.ndarray  # (K,) bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Image:
+    image: np.ndarray  # (H, W, 3) uint8
+    num_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, bundle: Path, manifest: M.Manifest, backend: str, providers, threads):
+        if backend != "onnxruntime":
+            raise InputError(f"backend {backend!r} is not available in this build; expected 'onnxruntime'")
+        self.bundle, self.manifest = bundle, manifest
+        self.providers, self.threads = providers, threads
+        self._backends: dict[str, OrtBackend] = {}
+        self._lock = threading.Lock()
+        cfg = manifest.config
+        self.size = manifest.preprocessing["size"]
+        self.patch = cfg["encoder"]["patch_size"]
+        self.grid = self.size // self.patch
+        self.max_tokens = manifest.stage("detokenizer").inputs[0].shape[1]
+        self.ids = manifest.text["special_ids"]
+        self.prompts = manifest.text["prompts"]
+        self.embeddings = np.load(M.inside(bundle, manifest.files["embeddings"]["file"]))
+        self.tokenizer = _load_tokenizer(M.inside(bundle, manifest.files["tokenizer"]["file"]))
+
+    @classmethod
+    def open(cls, bundle: str | Path, backend: str = "onnxruntime", providers: list[str] | None = None,
+             threads: int | None = None) -> "Pipeline":
+        """Open a bundle: the manifest is read and every file's sha256 checked; sessions are lazy."""
+        bundle = Path(bundle)
+        return cls(bundle, M.load_manifest(bundle), backend, providers, threads)
+
+    def stage(self, name: str) -> OrtBackend:
+        with self._lock:  # sessions are created once, lazily; ORT sessions are thread-safe to run
+            if name not in self._backends:
+                entry = self.manifest.stage(name)
+                opts = None
+                if name == "cluster_plugin":
+                    from setok.runtime.cluster_op import plugin_session_options
+
+                    opts = plugin_session_options()
+                self._backends[name] = OrtBackend(M.inside(self.bundle, entry.file), entry, self.providers, self.threads, opts)
+            return self._backends[name]
+
+    def warmup(self) -> None:
+        self.caption(np.zeros((self.size, self.size, 3), np.uint8), max_new_tokens=2)
+
+    # ---- vision -----------------------------------------------------------------------------
+    def tokenize(self, image: Any, cluster_stage: str = "cluster") -> Tokens:
+        """Image -> exactly num_tokens vision tokens and the pixel mask each one owns."""
+        t: dict[str, float] = {}
+        with _timed(t, "preprocess"):
+            rgb = to_rgb_array(image, self.size)
+            px = normalize(rgb[None], self.manifest.preprocessing["mean"], self.manifest.preprocessing["std"])
+        return self._tokenize_pixels(px, t, cluster_stage)
+
+    def _tokenize_pixels(self, px: np.ndarray, t: dict[str, float], cluster_stage: str = "cluster") -> Tokens:
+        with _timed(t, "encoder"):
+            feats = self.stage("encoder").run({M.PIXEL_VALUES: px})[M.PATCH_FEATURES]
+        with _timed(t, "cluster"):
+            c = self.stage(cluster_stage).run({M.PATCH_FEATURES: feats})
+        with _timed(t, "merger"):
+            tokens = self.stage("merger").run({M.PATCH_FEATURES: feats, M.ASSIGNMENT: c[M.ASSIGNMENT],
+                                               M.NUM_TOKENS: c[M.NUM_TOKENS]})[M.VISION_TOKENS]
+        k = int(c[M.NUM_TOKENS][0])
+        assignment = c[M.ASSIGNMENT][0]
+        return Tokens(tokens[0, :k], assignment, c[M.CENTERS][0, :k], self.token_masks(assignment, k), t)
+
+    def token_masks(self, assignment: np.ndarray, k: int) -> np.ndarray:
+        grid = (assignment.reshape(self.grid, self.grid)[None] == np.arange(k)[:, None, None])  # (K, G, G)
+        return grid.repeat(self.patch, 1).repeat(self.patch, 2)  # (K, H, W)
+
+    # ---- language ---------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _image_prefix(self, vt: Tokens, prompt: str) -> tuple[np.ndarray, int]:
+        """Embeddings of <bos> <im_start> V.. <im_end> prompt: exactly num_tokens vision slots."""
+        t = vt.timings
+        with _timed(t, "projector"):
+            vision = self.stage("projector").run({M.VISION_TOKENS: vt.tokens.astype(np.float32)})[M.EMBEDS]
+        head = self.embeddings[[self.ids["<bos>"], self.ids["<im_start>"]]]
+        tail = self.embeddings[[self.ids["<im_end>"]] + self._encode(prompt)]
+        return np.concatenate([head, vision, tail])[None].astype(np.float32), 2  # (1, L, H), first vision slot
+
+    def caption(self, image: Any, max_new_tokens: int = 64, **sampling) -> Text:
+        vt = self._as_tokens(image)
+        embeds, _ = self._image_prefix(vt, self.prompts["caption"])
+        return self._complete(embeds, vt.timings, max_new_tokens, **sampling)
+
+    def answer(self, image: Any, question: str, max_new_tokens: int = 8, **sampling) -> Text:
+        question = _check_text(question, "question")
+        vt = self._as_tokens(image)
+        embeds, _ = self._image_prefix(vt, self.prompts["question"].format(q=question))
+        return self._complete(embeds, vt.timings, max_new_tokens, **sampling)
+
+    def stream(self, image: Any, question: str | None = None, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
+        """Yield text pieces as they are decoded (a caption, or the answer to `question`)."""
+        vt = self._as_tokens(image)
+        prompt = self.prompts["caption"] if question is None else self.prompts["question"].format(q=_check_text(question, "question"))
+        embeds, _ = self._image_prefix(vt, prompt)
+        ids: list[int] = []
+        text = ""
+        for tok, _ in self._decode(embeds, vt.timings, max_new_tokens, **sampling):
+            ids.append(tok)
+            full = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if full != text:
+                yield full[len(text):]
+                text = full
+
+    def segment(self, image: Any, expression: str) -> Mask:
+        expression = _check_text(expression, "expression")
+        vt = self._as_tokens(image)
+        embeds, first = self._image_prefix(vt, self.prompts["refer"].format(e=expression))
+        t = vt.timings
+        with _timed(t, "llm_prefill"):
+            out = self._llm(embeds, None, 0)
+        hidden = out["hidden_states"]  # (1, L, H)
+        with _timed(t, "seg_head"):
+            logits = self.stage("seg_head").run({M.QUERY_HIDDEN: hidden[:, -1],
+                                                 M.TOKEN_HIDDEN: hidden[:, first:first + vt.num_tokens]})[M.SEG_LOGITS]
+        selected = logits[0] > 0
+        mask = vt.masks[selected].any(0) if selected.any() else np.zeros((self.size, self.size), bool)
+        return Mask(mask, selected, t)
+
+    def generate_image(self, prompt: str) -> Image:
+        """Text -> vision tokens at the LLM's <target> slots -> detokenizer; the LLM picks the count."""
+        prompt = _check_text(prompt, "prompt")
+        t: dict[str, float] = {}
+        ids = [self.ids["<bos>"]] + self._encode(self.prompts["draw"].format(c=prompt))
+        embeds = self.embeddings[ids][None].astype(np.float32)
+        slots = [h for tok, h in self._decode(embeds, t, self.max_tokens + 3) if tok == self.ids["<target>"]]
+        slots = slots[: self.max_tokens]
+        tokens = np.zeros((1, self.max_tokens, self.embeddings_dim_tokens()), np.float32)
+        if slots:
+            with _timed(t, "regress_head"):
+                tokens[0, : len(slots)] = self.stage("regress_head").run({M.HIDDEN: np.stack(slots).astype(np.float32)})[M.VISION_TOKENS]
+        count = max(len(slots), 1)
+        with _timed(t, "detokenizer"):
+            img = self.stage("detokenizer").run({M.VISION_TOKENS: tokens, M.NUM_TOKENS: np.array([count], np.int64)})[M.IMAGE]
+        return Image(to_uint8(img[0], self.manifest.preprocessing), count, t)
+
+    def reconstruct(self, vt: Tokens) -> np.ndarray:
+        tokens = np.zeros((1, self.max_tokens, vt.tokens.shape[1]), np.float32)
+        tokens[0, : vt.num_tokens] = vt.tokens
+        img = self.stage("detokenizer").run({M.VISION_TOKENS: tokens, M.NUM_TOKENS: np.array([vt.num_tokens], np.int64)})[M.IMAGE]
+        return to_uint8(img[0], self.manifest.preprocessing)
+
+    def embeddings_dim_tokens(self) -> int:
+        return int(self.manifest.stage("regress_head").outputs[0].shape[1])
+
+    # ---- decoding ---------------------------------------------------------------------------
+    def _as_tokens(self, image: Any) -> Tokens:
+        """Encode once, ask many: a Tokens result is reused as is."""
+        if isinstance(image, Tokens):
+            return dataclasses.replace(image, timings=dict(image.timings))  # own timings per call
+        return self.tokenize(image)
+
+    def _llm(self, embeds: np.ndarray, past: dict | None, past_len: int) -> dict[str, np.ndarray]:
+        llm = self.stage("llm")
+        length = embeds.shape[1]
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, past_len + length), np.int64),
+                 "position_ids": np.arange(past_len, past_len + length, dtype=np.int64)[None]}
+        feeds.update(past if past is not None else self._empty_past())
+        return llm.run(feeds)
+
+    def _empty_past(self) -> dict[str, np.ndarray]:
+        out = {}
+        for spec in self.manifest.stage("llm").inputs[3:]:
+            _, heads, _, hd = spec.shape
+            out[spec.name] = np.zeros((1, heads, 0, hd), np.float32)
+        return out
+
+    def _decode(self, embeds: np.ndarray, t: dict[str, float], max_new_tokens: int,
+                temperature: float = 0.0, top_k: int = 0, seed: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (token id, hidden state of that token once fed back); greedy when temperature == 0."""
+        if not 1 <= max_new_tokens <= 4096:
+            raise InputError(f"max_new_tokens={max_new_tokens}; expected 1..4096")
+        limit = self.manifest.text["max_positions"]
+        if embeds.shape[1] + max_new_tokens > limit:
+            raise InputError(f"prompt of {embeds.shape[1]} tokens + {max_new_tokens} new exceeds the context of {limit}")
+        rng = np.random.default_rng(seed)
+        with _timed(t, "llm_prefill"):
+            out = self._llm(embeds, None, 0)
+        length = embeds.shape[1]
+        for _ in range(max_new_tokens):
+            tok = _pick(out["logits"][0, -1], temperature, top_k, rng)
+            if tok == self.ids["<eos>"]:
+                return
+            with _timed(t, "llm_decode"):
+                past = {k.replace("present", "past_key_values"): v for k, v in out.items() if k.startswith("present.")}
+                out = self._llm(self.embeddings[[tok]][None].astype(np.float32), past, length)
+            length += 1
+            yield tok, out["hidden_states"][0, -1]
+
+    def _complete(self, embeds: np.ndarray, t: dict[str, float], max_new_tokens: int, **sampling) -> Text:
+        ids = [tok for tok, _ in self._decode(embeds, t, max_new_tokens, **sampling)]
+        return Text(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, t)
+
+    def close(self) -> None:
+        for b in self._backends.values():
+            b.close()
+        self._backends.clear()
+
+
+def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k > 0:
+        z[np.argsort(z)[:-top_k]] = -np.inf
+    p = np.exp(z - z.max())
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
+def _check_text(text: Any, what: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{what}: got {text!r}; expected a non-empty string")
+    return text.strip()
+
+
+def to_uint8(chw: np.ndarray, pre: dict) -> np.ndarray:
+    """Normalised (3, H, W) -> (H, W, 3) uint8."""
+    x = chw * np.asarray(pre["std"], np.float32)[:, None, None] + np.asarray(pre["mean"], np.float32)[:, None, None]
+    return (np.clip(x, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+
+
+def _load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+@contextmanager
+def _timed(t: dict[str, float], key: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        t[key] = t.get(key, 0.0) + time.perf_counter() - start
