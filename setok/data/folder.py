@@ -129,11 +129,14 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
             w, h = im.size  # header only: Image.open is lazy, so this check precedes decoding
             if w * h > MAX_PIXELS:
                 raise InputError(f"{p}: image is {w}x{h} = {w * h} pixels; at most {MAX_PIXELS} are allowed")
-            im = ImageOps.exif_transpose(im)
-            out = _resize_crop(_to_rgb(im), size)
+            return fit_image(im, size)
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise InputError(f"{p}: not a readable image ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         # PIL reports truncated / corrupt data and unsupported conversions with these.
         raise InputError(f"{p}: corrupt or unsupported image ({e})") from None
-    return np.asarray(out, dtype=np.uint8)
+
+
+def fit_image(im: Image.Image, size: int) -> np.ndarray:
+    """An opened PIL image -> (size, size, 3) uint8: EXIF orientation, RGB, resize, center crop."""
+    return np.asarray(_resize_crop(_to_rgb(ImageOps.exif_transpose(im)), size), dtype=np.uint8)

@@ -9,7 +9,7 @@ import numpy as np
 
 from setok.errors import InputError
 
-MAX_PIXELS = 40_000_000  # refuse decompression bombs before decoding
+from setok.data.folder import MAX_PIXELS  # refuse decompression bombs before decoding
 
 
 def to_rgb_array(image: Any, size: int) -> np.ndarray:
@@ -26,7 +26,9 @@ def to_rgb_array(image: Any, size: int) -> np.ndarray:
         raise InputError(f"image: got {type(image).__name__}; expected a path, a PIL image or a numpy array")
     if image.width * image.height > MAX_PIXELS:
         raise InputError(f"image: {image.width}x{image.height} is over {MAX_PIXELS} pixels; refusing it")
-    return _fit(image, size)
+    from setok.data.folder import fit_image
+
+    return fit_image(image, size)
 
 
 def _array_to_pil(arr: np.ndarray):
@@ -47,17 +49,6 @@ def _array_to_pil(arr: np.ndarray):
             raise InputError(f"image array: float values in [{arr.min():.3g}, {arr.max():.3g}]; expected [0, 1]")
         return Image.fromarray((arr[..., :3] * 255).round().astype(np.uint8))
     raise InputError(f"image array: dtype {arr.dtype}; expected uint8 or float in [0, 1]")
-
-
-def _fit(image, size: int) -> np.ndarray:
-    from PIL import Image, ImageOps
-
-    image = ImageOps.exif_transpose(image).convert("RGB")
-    scale = size / min(image.width, image.height)
-    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def normalize(rgb: np.ndarray, mean, std) -> np.ndarray:

@@ -25,7 +25,7 @@ def pipe(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
-    return Setokim.from_pretrained(tiny_ckpt)
+    return Setokim.from_pretrained(tiny_ckpt).requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
