@@ -1,0 +1,189 @@
+"""INT8 calibration on the tiny bundle: real ORT sessions, real Q/DQ graphs, real range files."""
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+from setok import manifest as M
+from setok.calibration import calibrate_bundle
+from setok.calibration import data as D
+from setok.calibration import ranges as R
+from setok.errors import InputError, MissingDependency
+
+QUANTIZED = ["encoder", "merger", "projector", "llm", "regress_head", "seg_head", "detokenizer"]
+
+
+@pytest.fixture(scope="module")
+def int8(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "b"
+    return out, calibrate_bundle(tiny_bundle, out, n=16, method="minmax")
+
+
+@pytest.fixture(scope="module")
+def encoder_feeds(tiny_bundle):
+    from setok.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.open(tiny_bundle, threads=1)
+    return D.collect_feeds(pipe, D.load_samples("synthetic", 16, pipe.size, 0), ["encoder"])["encoder"]
+
+
+def _graph(path):
+    return onnx.load(str(path)).graph
+
+
+def test_manifest_precision_and_files(int8):
+    out, report = int8
+    m = M.load_manifest(out)  # verifies every sha256
+    for s in m.stages:
+        assert s.precision == ("int8" if s.name in QUANTIZED else "fp32"), s.name
+        if s.name in QUANTIZED:
+            assert s.extra["method"] == "minmax" and s.extra["excluded"] == []
+    for st in QUANTIZED:
+        assert {f"ranges.{st}", f"calib_table.{st}"} <= set(m.files)
+        assert report["stages"][st]["n"] == 16 and sum(report["stages"][st]["quantized_ops"].values()) > 0
+
+
+def test_qdq_placement(int8):
+    out, _ = int8
+    m = M.load_manifest(out)
+    for s in m.stages:
+        g = _graph(out / s.file)
+        ops = [n.op_type for n in g.node]
+        if s.name in ("cluster", "cluster_plugin"):
+            assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+            continue
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops, s.name
+        consumers = {}
+        for n in g.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n.op_type)
+        q_out = {n.output[0] for n in g.node if n.op_type == "QuantizeLinear"}
+        dq_targets = {op for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in q_out
+                      for op in consumers.get(n.output[0], [])}
+        # LayerNorm / Softmax / residual Adds (and the decomposed-LayerNorm ops) never read a
+        # dequantized activation. (A quantized graph input keeps one shared Q/DQ pair: ORT makes no
+        # dedicated pairs for graph inputs, so e.g. the detokenizer's Slice of vision_tokens reads it.)
+        float_only = {"LayerNormalization", "Softmax", "Add", "ReduceMean", "Sub", "Pow", "Div", "Sqrt"}
+        assert not dq_targets & float_only, (s.name, dq_targets)
+        assert {"MatMul", "Gemm", "Conv"} & dq_targets, s.name
+        assert any(n.op_type in ("MatMul", "Gemm", "Conv") and any(c == "DequantizeLinear" for c in
+                   [p.op_type for p in g.node if set(p.output) & set(n.input)]) for n in g.node)
+
+
+def test_range_files_parse_and_cover(int8):
+    out, report = int8
+    m = M.load_manifest(out)
+    for st in QUANTIZED:
+        table = json.loads((out / m.files[f"ranges.{st}"]["file"]).read_text())
+        version, scales = R.parse_trt_calib_table((out / m.files[f"calib_table.{st}"]["file"]).read_text())
+        assert version == R.TRT_VERSION and set(scales) == set(table)
+        for name, e in table.items():
+            assert all(math.isfinite(v) for v in e.values()) and e["min"] <= e["max"]
+            assert e["amax"] == pytest.approx(max(abs(e["min"]), abs(e["max"])))
+            assert scales[name] == pytest.approx(max(e["scale"], 1e-38), rel=1e-6)
+        g = _graph(out / m.stage(st).file)
+        inits = {i.name for i in g.initializer}
+        activations = {n.input[0].removesuffix("_QuantizeLinear_Input") for n in g.node
+                       if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+        io = {t.name for t in list(g.input) + list(g.output) if t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+        missing = (activations | io) - set(table) - set(report["stages"][st]["unranged"])
+        assert not missing, (st, missing)
+
+
+def test_entropy_and_percentile_differ_from_minmax(tiny_bundle, encoder_feeds, tmp_path):
+    model = tiny_bundle / "encoder.onnx"
+    mm = R.compute_ranges(model, encoder_feeds, "minmax", ["MatMul", "Gemm", "Conv"], tmp_path)
+    ent = R.compute_ranges(model, encoder_feeds, "entropy", ["MatMul", "Gemm", "Conv"], tmp_path)
+    pct = R.compute_ranges(model, encoder_feeds, "percentile", ["MatMul", "Gemm", "Conv"], tmp_path)
+    assert set(mm) == set(ent) == set(pct)
+    assert any(ent[k] != mm[k] for k in mm), "entropy collapsed to MinMax (num_bins == num_quantized_bins?)"
+    assert any(pct[k] != mm[k] for k in mm)
+    for k in mm:
+        amax = max(abs(v) for v in mm[k])
+        assert max(abs(v) for v in pct[k]) <= amax * (1 + 1e-6), k
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_other_methods_write_a_bundle(tiny_bundle, tmp_path, method):
+    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, method=method, stages=["encoder", "projector"])
+    m = M.load_manifest(tmp_path / "b")
+    assert m.stage("encoder").extra["method"] == method and m.stage("merger").precision == "fp32"
+    assert set(rep["stages"]) == {"encoder", "projector"}
+    assert all(s["cosine"] >= 0.99 for s in rep["stages"].values()), rep["stages"]
+
+
+def test_int8_matches_fp32_on_heldout(int8, tiny_bundle):
+    from setok.runtime.pipeline import Pipeline
+
+    out, report = int8
+    # Measured on held-out eval scenes (tiny model, n=16): every stage >= 0.994.
+    for st in QUANTIZED:
+        assert report["stages"][st]["cosine"] >= 0.99, (st, report["stages"][st])
+        assert abs(report["stages"][st]["norm_ratio"] - 1) <= 0.02, (st, report["stages"][st])
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[16:48, 16:48] = (200, 40, 40)
+    pipe = Pipeline.open(out, threads=1)
+    assert isinstance(pipe.caption(img, max_new_tokens=4).text, str)
+    a, b = pipe.tokenize(img), Pipeline.open(tiny_bundle, threads=1).tokenize(img)
+    assert a.num_tokens == b.num_tokens  # the cluster stage is float and sees near-identical features
+
+
+def test_auto_exclude_records_nodes(tiny_bundle, tmp_path):
+    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["projector"], auto_exclude=True,
+                           gate=(1.0, 0.0))  # unreachable gate: excludes up to the 25% cap
+    ex = M.load_manifest(tmp_path / "b").stage("projector").extra["excluded"]
+    assert ex and ex == rep["stages"]["projector"]["excluded"]
+    assert all(set(e) == {"node", "cosine"} and e["cosine"] <= 1.0 for e in ex)
+    assert sum(rep["stages"]["projector"]["quantized_ops"].values()) < 2  # the excluded Gemm stays float
+
+
+def test_gate_logic():
+    from setok.calibration.quantize import _agreement, _passes
+
+    x = [np.arange(1, 11, dtype=np.float32)]
+    assert _agreement(x, x) == pytest.approx((1.0, 1.0))
+    assert _passes(0.995, 1.01, (0.99, 0.02)) and not _passes(0.995, 1.03, (0.99, 0.02))
+    assert not _passes(0.98, 1.0, (0.99, 0.02))
+
+
+def test_errors(tiny_bundle, tmp_path):
+    with pytest.raises(InputError, match="at least 8"):
+        calibrate_bundle(tiny_bundle, tmp_path / "x", n=4)
+    with pytest.raises(InputError, match="valid stages.*encoder"):
+        calibrate_bundle(tiny_bundle, tmp_path / "x", n=8, stages=["cluster"])
+    with pytest.raises(InputError, match="valid stages"):
+        calibrate_bundle(tiny_bundle, tmp_path / "x", n=8, stages=["nope"])
+    with pytest.raises(InputError, match="method"):
+        calibrate_bundle(tiny_bundle, tmp_path / "x", n=8, method="kl")
+    assert not (tmp_path / "x").exists()
+
+
+def test_folder_errors(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (i * 50, 0, 0)).save(folder / f"{i}.png")
+    with pytest.raises(InputError, match=str(folder)):
+        D.load_samples(str(folder), 8, 64, 0)
+    for i in range(3, 9):
+        Image.new("RGB", (20, 20), (0, i * 20, 0)).save(folder / f"{i}.png")
+    (folder / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="bad.png"):
+        D.load_samples(str(folder), 16, 64, 0)
+    assert len(D.load_samples(str(folder), 8, 64, 0)) == 8
+
+
+def test_modelopt_missing(tiny_bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingDependency, match="nvidia-modelopt"):
+            calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["projector"], quantizer="modelopt")
+    else:
+        pytest.skip("modelopt is installed")
