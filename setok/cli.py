@@ -155,6 +155,71 @@ def parity(ckpt: Path, bundle: Path, images: Path | None, n: int, precision: str
         sys.exit(1)
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="INT8 bundle directory to write.")
+@click.option("--data", default="synthetic", show_default=True, help="'synthetic' or a folder of images.")
+@click.option("--n", type=int, default=256, show_default=True, help="Calibration images (at least 8).")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--stages", default=None, help="Comma-separated stages to quantize (default: every stage where INT8 applies).")
+@click.option("--quantizer", type=click.Choice(["onnxruntime", "modelopt"]), default="onnxruntime", show_default=True)
+@click.option("--auto-exclude", is_flag=True, help="Keep the most sensitive layers in float until the gates hold.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def calibrate(bundle: Path, out: Path, data: str, n: int, method: str, stages: str | None, quantizer: str,
+              auto_exclude: bool, seed: int) -> None:
+    """Calibrate a bundle on real data into explicit Q/DQ INT8 ONNX (+ range files, TensorRT table)."""
+    from setok.calibration import calibrate_bundle
+
+    names = [x.strip() for x in stages.split(",") if x.strip()] if stages else None
+    report = calibrate_bundle(bundle, out, data=data, n=n, method=method, stages=names, quantizer=quantizer,
+                              auto_exclude=auto_exclude, seed=seed)
+    click.echo(json.dumps(report, indent=2, default=str))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True)
+@click.option("--trt-version", default="10.8", show_default=True, help="TensorRT version the engines will be built with.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@user_errors
+def lint(bundle: Path, target: str, trt_version: str, as_json: bool) -> None:
+    """Check every node of every stage against TensorRT's ONNX operator support; exit 1 on errors."""
+    import dataclasses
+
+    from setok.lint import lint_bundle
+
+    findings = lint_bundle(bundle, target=target, trt_version=trt_version)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(f) for f in findings], indent=2))
+    else:
+        for f in findings:
+            click.echo(str(f))
+    errors = sum(f.severity == "error" for f in findings)
+    click.echo(f"{errors} error(s), {len(findings) - errors} warning(s)")
+    if errors:
+        sys.exit(1)
+
+
+@main.group()
+def plugin() -> None:
+    """The clustering plugin: Triton kernels for the TensorRT plugin setok::DensityPeakCluster."""
+
+
+@plugin.command("compile")
+@click.option("--arch", default="sm_87,sm_89,sm_90", show_default=True, help="Comma-separated GPU architectures (Jetson Orin is sm_87).")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--max-patches", type=click.IntRange(1), default=1024, show_default=True, help="Largest N the AOT kernel serves.")
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
+@user_errors
+def plugin_compile(arch: str, out: Path, max_patches: int, max_tokens: int) -> None:
+    """Compile the kernels to PTX (and cubin) without a GPU; list kernels and launch parameters."""
+    from setok.plugins.compile import compile_kernels
+
+    result = compile_kernels([a.strip() for a in arch.split(",") if a.strip()], out, max_patches, max_tokens)
+    click.echo(json.dumps(result, indent=2))
+
+
 def _checkpoint(path: Path) -> Path:
     if not path.exists():
         raise SetokError(f"{path}: no such checkpoint directory; expected one written by `setok train`")

@@ -81,13 +81,15 @@ def peak_distance(d: Tensor, denser: Tensor) -> Tensor:
 
 
 def score_rank(score: Tensor) -> Tensor:
-    """Rank of each score, highest first, ties by lower index.  (B, N) -> (B, N) int64."""
+    """Rank of each score, highest first, ties by lower index.  (B, N) -> (B, N) int32.
+
+    Counts are int32 throughout (exact, and the types TensorRT's Min/Max/ReduceSum take)."""
     n = score.shape[-1]
     idx = torch.arange(n, device=score.device)
     s_i, s_j = score.unsqueeze(2), score.unsqueeze(1)
     lower = (idx.unsqueeze(0) < idx.unsqueeze(1)).unsqueeze(0)  # (1, N, N): j < i
     before = (s_j > s_i) | ((s_j == s_i) & lower)
-    return before.sum(-1)
+    return before.sum(-1, dtype=torch.int32)
 
 
 def select_centers(score: Tensor, cfg: ClusterConfig) -> Tensor:
@@ -98,9 +100,12 @@ def select_centers(score: Tensor, cfg: ClusterConfig) -> Tensor:
     When 0 < npass < min_tokens we also fill up to min_tokens, so the count always lies in
     [min_tokens, max_tokens] (capped at N). A plain clamp, so N stays dynamic in an export.
     """
-    npass = (score > cfg.tau).sum(-1, keepdim=True)  # (B, 1)
+    npass = (score > cfg.tau).sum(-1, keepdim=True, dtype=torch.int32)  # (B, 1)
     # No min(., N) on the bounds: npass <= N, and a count >= N selects every patch anyway.
-    count = npass.clamp(cfg.min_tokens, cfg.max_tokens)
+    # Max/Min rather than clamp: TensorRT's Clip takes float types only.
+    lo = torch.tensor(cfg.min_tokens, dtype=torch.int32, device=score.device)
+    hi = torch.tensor(cfg.max_tokens, dtype=torch.int32, device=score.device)
+    count = torch.minimum(torch.maximum(npass, lo), hi)
     return score_rank(score) < count
 
 
@@ -109,7 +114,8 @@ def assign(d: Tensor, is_center: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns (assignment (B, N), token id of each patch's center order (B, N)).
     """
-    token_of = torch.cumsum(is_center.long(), -1) - 1  # (B, N): token index if a center
+    # float32 cumsum (exact below 2^24, and the type TensorRT's CumSum takes), then int64.
+    token_of = (torch.cumsum(is_center.float(), -1) - 1).long()  # (B, N): token index if a center
     to_centers = d.masked_fill(~is_center.unsqueeze(1), float("inf"))  # (B, N, N) over centers j
     # argmin returns the first minimum = lowest patch index = lowest token index (raster order).
     nearest = to_centers.argmin(-1)  # (B, N) patch index of the chosen center

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from setok.errors import InputError
 from setok.plugins import cluster_kernels as ck
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def parse_arch(arch: str) -> int:
     """'sm_87' / 'sm87' / '87' -> 87."""
     digits = arch.lower().removeprefix("sm_").removeprefix("sm").rstrip("a")
     if not digits.isdigit():
-        raise ValueError(f"GPU arch must look like sm_87, got {arch!r}")
+        raise InputError(f"--arch: {arch!r} is not a GPU architecture; expected e.g. sm_87, sm_89, sm_90")
     return int(digits)
 
 
