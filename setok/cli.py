@@ -201,6 +201,33 @@ def lint(bundle: Path, target: str, trt_version: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+@main.command("bench")
+@click.argument("targets", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--compare", is_flag=True, help="Run several targets interleaved and report e2e_ratio.")
+@click.option("--backend", type=click.Choice(["pytorch", "onnxruntime", "tensorrt"]), default=None,
+              help="Default: pytorch for a checkpoint, onnxruntime for a bundle.")
+@click.option("--n", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="Stacked per-stage latency PNG.")
+@user_errors
+def bench_(targets: tuple[Path, ...], compare: bool, backend: str | None, n: int, warmup: int, max_new_tokens: int,
+           json_out: Path | None, plot_out: Path | None) -> None:
+    """Per-stage latency (median, p90), time per decoded token, end-to-end image -> answer."""
+    from setok.bench import bench, plot
+    from setok.io import write_json
+
+    if not targets or (len(targets) > 1 and not compare):
+        raise SetokError(f"got {len(targets)} target(s); expected one, or several with --compare")
+    result = bench(list(targets), backend, n, warmup, max_new_tokens)
+    if json_out:
+        write_json(json_out, result)
+    if plot_out:
+        plot(result, plot_out)
+    click.echo(json.dumps(result, indent=2))
+
+
 @main.group()
 def plugin() -> None:
     """The clustering plugin: Triton kernels for the TensorRT plugin setok::DensityPeakCluster."""

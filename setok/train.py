@@ -256,12 +256,11 @@ def lr_scale(step: int, total: int) -> float:
 
 def task_sequences(model: Setokim, it: TrainItem, tokens: torch.Tensor, assignment: torch.Tensor,
                    rng: random.Random) -> list[Sequence]:
-    """The stage-2 sequences of one image: caption, one QA, one referring expression, generation."""
+    """The stage-2 sequences of one image: caption, two QA, one referring expression, generation."""
     eos = [model.ids[T.EOS]]
     enc = model.encode_text
     seqs = [model.image_prefix(tokens).add(enc(CAPTION_PROMPT)).add(enc(it.caption) + eos, True)]
-    if it.qa:
-        q, a = rng.choice(it.qa)
+    for q, a in rng.sample(it.qa, min(2, len(it.qa))):  # two questions: VQA is the slowest task to learn
         seqs.append(model.image_prefix(tokens).add(enc(QUESTION_PROMPT.format(q=q))).add(enc(a) + eos, True))
     if it.referring:
         expr, mask = rng.choice(it.referring)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from torch import Tensor, nn
 
 from setok import manifest as M
 from setok.config import SetokimConfig
+
+if TYPE_CHECKING:
+    from setok.model.setokim import Setokim
 
 Shape = tuple  # of int (fixed) or str (symbolic)
 

@@ -7,7 +7,6 @@ the TensorRT engine are checked against. Read it next to SETOK.md, line by line.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -1,0 +1,174 @@
+"""`setok bench`: per-stage latency of a checkpoint (PyTorch eager) or a bundle (ONNX Runtime).
+
+Targets are run interleaved (A B A B ...) in one process, so ratios between them survive a
+noisy machine; `e2e_ratio` is the median over pairs of each target's end-to-end latency divided
+by the first target's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from setok.errors import InputError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("preprocess", "encoder", "cluster", "merger", "projector", "llm_prefill", "llm_decode", "detokenizer")  # pipeline order
+QUESTION = "how many objects are there"
+
+
+class OrtTarget:
+    """A bundle through the torch-free runtime: image -> answer, stage by stage."""
+
+    def __init__(self, path: Path):
+        from setok.runtime import Pipeline
+
+        start = time.perf_counter()
+        self.pipe = Pipeline.open(path)
+        self.open_seconds = time.perf_counter() - start
+        self.name = f"onnxruntime:{path}"
+
+    def run(self, image: np.ndarray, max_new_tokens: int) -> tuple[dict[str, float], int, int]:
+        vt = self.pipe.tokenize(image)
+        text = self.pipe.answer(vt, QUESTION, max_new_tokens=max_new_tokens)  # timings include vt's
+        return text.timings, len(text.token_ids), vt.num_tokens
+
+
+class TorchTarget:
+    """A checkpoint in PyTorch eager mode, timed at the same stage boundaries."""
+
+    def __init__(self, path: Path):
+        import torch
+
+        from setok.model.setokim import Setokim
+
+        torch.set_grad_enabled(False)
+        start = time.perf_counter()
+        self.model = Setokim.from_pretrained(path)
+        self.open_seconds = time.perf_counter() - start
+        self.name = f"pytorch:{path}"
+
+    def run(self, image: np.ndarray, max_new_tokens: int) -> tuple[dict[str, float], int, int]:
+        import torch
+
+        from setok.model.setokim import QUESTION_PROMPT
+
+        m, t = self.model, {}
+        with _timed(t, "preprocess"):
+            from setok.model.encoder import preprocess
+
+            px = preprocess(torch.from_numpy(image[None]))
+        with _timed(t, "encoder"):
+            feats = m.vision.encoder(px)
+        with _timed(t, "cluster"):
+            c = m.vision.cluster(feats)
+        with _timed(t, "merger"):
+            tokens = m.vision.merger(feats, c.assignment, c.num_tokens)
+        k = int(c.num_tokens[0])
+        with _timed(t, "llm_prefill"):  # projector + prefill + decode, as Setokim.greedy runs them
+            seq = m.image_prefix(tokens[0, :k]).add(m.encode_text(QUESTION_PROMPT.format(q=QUESTION)))
+            ids = m.greedy([seq], max_new_tokens)[0]
+        return t, len(ids), k
+
+
+def open_target(path: str | Path, backend: str | None):
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such checkpoint or bundle")
+    is_bundle = (path / "manifest.json").is_file()
+    backend = backend or ("onnxruntime" if is_bundle else "pytorch")
+    if backend == "onnxruntime" and is_bundle:
+        return OrtTarget(path)
+    if backend == "pytorch" and (path / "model.safetensors").is_file():
+        return TorchTarget(path)
+    if backend == "tensorrt":
+        raise InputError("--backend tensorrt needs engines built by `setok build`, which is not written yet")
+    raise InputError(f"{path}: backend {backend!r} needs a {'bundle' if backend == 'onnxruntime' else 'checkpoint'}")
+
+
+def bench(targets: list[str | Path], backend: str | None = None, n: int = 50, warmup: int = 5,
+          max_new_tokens: int = 8) -> dict[str, Any]:
+    from setok.data.items import eval_items
+
+    if n < 1 or warmup < 0:
+        raise InputError(f"--n {n} / --warmup {warmup}: expected n >= 1 and warmup >= 0")
+    opened = [open_target(t, backend if len(targets) == 1 else None) for t in targets]
+    images = [it.image for it in eval_items(n + warmup, seed=31)]
+    rows: list[list[dict]] = [[] for _ in opened]
+    for i, image in enumerate(images):
+        for j, target in enumerate(opened):  # interleaved: A B A B ...
+            start = time.perf_counter()
+            timings, generated, tokens = target.run(image, max_new_tokens)
+            e2e = time.perf_counter() - start
+            if i >= warmup:
+                rows[j].append({"timings": timings, "e2e": e2e, "generated": generated, "tokens": tokens})
+    result = {"machine": machine(), "n": n, "warmup": warmup, "max_new_tokens": max_new_tokens,
+              "targets": [summarize(t, r) for t, r in zip(opened, rows)],
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    base = np.array([r["e2e"] for r in rows[0]])
+    result["e2e_ratio"] = [float(np.median(np.array([r["e2e"] for r in rows[j]]) / base)) for j in range(1, len(rows))]
+    return result
+
+
+def summarize(target, rows: list[dict]) -> dict[str, Any]:
+    stages = {}
+    for stage in sorted({k for r in rows for k in r["timings"]}):
+        ms = np.array([r["timings"].get(stage, 0.0) for r in rows]) * 1000
+        stages[stage] = {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90))}
+    e2e = np.array([r["e2e"] for r in rows]) * 1000
+    decode_ms = np.array([r["timings"].get("llm_decode", 0.0) * 1000 / max(r["generated"], 1) for r in rows])
+    return {
+        "name": target.name, "open_seconds": target.open_seconds, "stages": stages,
+        "e2e_median_ms": float(np.median(e2e)), "e2e_p90_ms": float(np.percentile(e2e, 90)),
+        "decode_ms_per_token": float(np.median(decode_ms)),
+        "tokens_per_image": float(np.mean([r["tokens"] for r in rows])),
+    }
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def plot(result: dict, png: Path) -> None:
+    """Per-stage latency as a stacked bar per target."""
+    from PIL import Image, ImageDraw
+
+    targets = result["targets"]
+    order = {s: i for i, s in enumerate(STAGES)}
+    stages = sorted({s for t in targets for s in t["stages"]}, key=lambda s: (order.get(s, 99), s))
+    colors = [tuple(int(c) for c in np.random.default_rng(i).integers(60, 230, 3)) for i in range(len(stages))]
+    total = max(sum(t["stages"][s]["median_ms"] for s in t["stages"]) for t in targets) or 1.0
+    w, h, bar = 640, 80 + 50 * len(targets), 30
+    img = Image.new("RGB", (w, h + 20 * len(stages)), "white")
+    draw = ImageDraw.Draw(img)
+    for i, t in enumerate(targets):
+        x, y = 10.0, 20 + 50 * i
+        draw.text((10, y - 14), f"{t['name']}  ({t['e2e_median_ms']:.1f} ms end to end)", fill="black")
+        for s, color in zip(stages, colors):
+            width = 600 * t["stages"].get(s, {"median_ms": 0})["median_ms"] / total
+            draw.rectangle([x, y, x + width, y + bar], fill=color)
+            x += width
+    for j, (s, color) in enumerate(zip(stages, colors)):
+        draw.rectangle([10, h + 20 * j, 24, h + 20 * j + 12], fill=color)
+        draw.text((30, h + 20 * j), s, fill="black")
+    img.save(png)
+
+
+class _timed:
+    def __init__(self, t: dict[str, float], key: str):
+        self.t, self.key = t, key
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.t[self.key] = self.t.get(self.key, 0.0) + time.perf_counter() - self.start

@@ -1,0 +1,29 @@
+"""`setok bench`: the JSON schema, interleaved comparison, the plot, on real targets."""
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+
+def test_bench_compare_schema(tiny_ckpt, tiny_bundle, tmp_path):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    proc = subprocess.run([sys.executable, "-m", "setok.cli", "bench", str(tiny_ckpt), str(tiny_bundle), "--compare",
+                           "--n", "3", "--warmup", "1", "--json", str(out), "--plot", str(png)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert {"machine", "n", "warmup", "targets", "e2e_ratio", "peak_rss_mb"} <= set(r)
+    assert len(r["targets"]) == 2 and len(r["e2e_ratio"]) == 1 and r["e2e_ratio"][0] > 0
+    for t in r["targets"]:
+        assert {"name", "open_seconds", "stages", "e2e_median_ms", "e2e_p90_ms", "decode_ms_per_token", "tokens_per_image"} <= set(t)
+        assert {"encoder", "cluster", "merger", "llm_prefill"} <= set(t["stages"])
+        assert all(v["p90_ms"] >= v["median_ms"] >= 0 for v in t["stages"].values())
+    assert r["targets"][0]["tokens_per_image"] == r["targets"][1]["tokens_per_image"], "same clustering both sides"
+    assert Image.open(png).size[0] == 640
+
+
+def test_bench_two_targets_need_compare(tiny_ckpt, tiny_bundle):
+    proc = subprocess.run([sys.executable, "-m", "setok.cli", "bench", str(tiny_ckpt), str(tiny_bundle)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--compare" in proc.stderr
