@@ -165,15 +165,16 @@ def parity(ckpt: Path, bundle: Path, images: Path | None, n: int, precision: str
 @click.option("--quantizer", type=click.Choice(["onnxruntime", "modelopt"]), default="onnxruntime", show_default=True)
 @click.option("--auto-exclude", is_flag=True, help="Keep the most sensitive layers in float until the gates hold.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--keep-slow-int8", is_flag=True, help="Keep INT8 stages even where they are not faster than fp32 here.")
 @user_errors
 def calibrate(bundle: Path, out: Path, data: str, n: int, method: str, stages: str | None, quantizer: str,
-              auto_exclude: bool, seed: int) -> None:
+              auto_exclude: bool, seed: int, keep_slow_int8: bool) -> None:
     """Calibrate a bundle on real data into explicit Q/DQ INT8 ONNX (+ range files, TensorRT table)."""
     from setok.calibration import calibrate_bundle
 
     names = [x.strip() for x in stages.split(",") if x.strip()] if stages else None
     report = calibrate_bundle(bundle, out, data=data, n=n, method=method, stages=names, quantizer=quantizer,
-                              auto_exclude=auto_exclude, seed=seed)
+                              auto_exclude=auto_exclude, seed=seed, speed_gate=not keep_slow_int8)
     click.echo(json.dumps(report, indent=2, default=str))
 
 
@@ -226,6 +227,33 @@ def bench_(targets: tuple[Path, ...], compare: bool, backend: str | None, n: int
     if plot_out:
         plot(result, plot_out)
     click.echo(json.dumps(result, indent=2))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path), required=False)
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def doctor(bundle: Path | None, as_json: bool) -> None:
+    """Print the environment (versions, usable providers, TensorRT / GPU, plugin); with BUNDLE, exit
+    status says whether it can run here (0 yes, 1 no)."""
+    from setok.doctor import check_bundle, environment
+
+    env = environment()
+    problems = check_bundle(bundle) if bundle is not None else []
+    if bundle is not None:
+        env["bundle"] = {"path": str(bundle), "runs_here": not problems, "problems": problems}
+    if as_json:
+        click.echo(json.dumps(env, indent=2))
+    else:
+        for key, value in env.items():
+            if isinstance(value, dict):
+                click.echo(f"{key}:")
+                for k, v in value.items():
+                    click.echo(f"  {k}: {v if v is not None else 'not installed'}")
+            else:
+                click.echo(f"{key}: {value}")
+    if problems:
+        sys.exit(1)
 
 
 @main.group()

@@ -43,11 +43,13 @@ QDQ_OPTIONS = {"WeightSymmetric": True, "ActivationSymmetric": True,
 
 def calibrate_bundle(bundle: Path, out: Path, data: str = "synthetic", n: int = 256, method: str = "minmax",
                      stages: list[str] | None = None, quantizer: str = "onnxruntime", auto_exclude: bool = False,
-                     seed: int = 0, gate: tuple[float, float] = GATE) -> dict:
+                     seed: int = 0, gate: tuple[float, float] = GATE, speed_gate: bool = True) -> dict:
     """Calibrate and quantize the stages of `bundle`; write the INT8 bundle to `out` atomically.
 
     Returns a report: per stage the quantized op counts, excluded nodes (and their cosine), the
-    int8-vs-fp32 output cosine / norm ratio on held-out inputs, method and n.
+    int8-vs-fp32 output cosine / norm ratio on held-out inputs, method and n, and fp32 / int8
+    latency. With `speed_gate`, a stage whose INT8 graph is not faster than fp32 on this machine
+    stays float, and the report and manifest say so (`kept_float`).
     """
     from setok.runtime.pipeline import Pipeline
 
@@ -67,14 +69,38 @@ def calibrate_bundle(bundle: Path, out: Path, data: str = "synthetic", n: int = 
                                 method, quantizer, auto_exclude, gate)
             rep.update(method=method, n=n)
             report["stages"][name] = rep
-            _update_entry(entry, tmp / f"{name}.int8.onnx", rep, method, quantizer)
+            int8_path = tmp / f"{name}.int8.onnx"
+            rep["fp32_ms"], rep["int8_ms"] = time_stage(src, int8_path, held.get(name, feeds[name]))
+            if speed_gate and rep["int8_ms"] >= rep["fp32_ms"]:
+                rep["kept_float"] = f"int8 {rep['int8_ms']:.3f} ms is not faster than fp32 {rep['fp32_ms']:.3f} ms here"
+                entry.extra = {**entry.extra, "kept_float": rep["kept_float"]}
+                int8_path.unlink()
+                log.info("%s stays float: %s", name, rep["kept_float"])
+            else:
+                _update_entry(entry, int8_path, rep, method, quantizer)
             manifest.files.update({role: {"file": rel, "sha256": M.sha256(tmp / rel)} for role, rel in files.items()})
-        _copy_rest(bundle, tmp, manifest, stages)
+        _copy_rest(bundle, tmp, manifest, [n for n in stages if "kept_float" not in report["stages"][n]])
         manifest.write(tmp)
     pipe.close()
     report["out"] = str(out)
     log.info("INT8 bundle written to %s", out)
     return report
+
+
+def time_stage(fp32: Path, int8: Path, feeds: list[dict], repeats: int = 5) -> tuple[float, float]:
+    """Median ms per feed of the fp32 and int8 graphs, runs interleaved so load hits both alike."""
+    import time
+
+    a, b = _session(fp32), _session(int8)
+    feeds = feeds[:8]
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(repeats):
+        for which, sess in enumerate((a, b)):
+            start = time.perf_counter()
+            for feed in feeds:
+                sess.run(None, feed)
+            times[which].append((time.perf_counter() - start) * 1000 / max(len(feeds), 1))
+    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def _check_args(n, method: str, quantizer: str) -> None:

@@ -41,6 +41,7 @@ class Text:
     text: str
     token_ids: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+    complete: bool = True  # False when a deadline cut the decode short
 
 
 @dataclass
@@ -135,16 +136,20 @@ class Pipeline:
         tail = self.embeddings[[self.ids["<im_end>"]] + self._encode(prompt)]
         return np.concatenate([head, vision, tail])[None].astype(np.float32), 2  # (1, L, H), first vision slot
 
-    def caption(self, image: Any, max_new_tokens: int = 64, **sampling) -> Text:
+    def caption(self, image: Any, max_new_tokens: int = 64, deadline: float | None = None, **sampling) -> Text:
+        """Describe the image. `deadline` (seconds from now) returns what was decoded by then."""
+        due = _due(deadline)
         vt = self._as_tokens(image)
         embeds, _ = self._image_prefix(vt, self.prompts["caption"])
-        return self._complete(embeds, vt.timings, max_new_tokens, **sampling)
+        return self._complete(embeds, vt.timings, max_new_tokens, due, **sampling)
 
-    def answer(self, image: Any, question: str, max_new_tokens: int = 8, **sampling) -> Text:
+    def answer(self, image: Any, question: str, max_new_tokens: int = 8, deadline: float | None = None, **sampling) -> Text:
+        """Answer a question about the image (or about a `Tokens` result: encode once, ask many)."""
+        due = _due(deadline)
         question = _check_text(question, "question")
         vt = self._as_tokens(image)
         embeds, _ = self._image_prefix(vt, self.prompts["question"].format(q=question))
-        return self._complete(embeds, vt.timings, max_new_tokens, **sampling)
+        return self._complete(embeds, vt.timings, max_new_tokens, due, **sampling)
 
     def stream(self, image: Any, question: str | None = None, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
         """Yield text pieces as they are decoded (a caption, or the answer to `question`)."""
@@ -245,9 +250,16 @@ class Pipeline:
             length += 1
             yield tok, out["hidden_states"][0, -1]
 
-    def _complete(self, embeds: np.ndarray, t: dict[str, float], max_new_tokens: int, **sampling) -> Text:
-        ids = [tok for tok, _ in self._decode(embeds, t, max_new_tokens, **sampling)]
-        return Text(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, t)
+    def _complete(self, embeds: np.ndarray, t: dict[str, float], max_new_tokens: int, due: float | None,
+                  **sampling) -> Text:
+        ids: list[int] = []
+        complete = True
+        for tok, _ in self._decode(embeds, t, max_new_tokens, **sampling):
+            ids.append(tok)
+            if due is not None and time.monotonic() >= due:
+                complete = False  # checked between tokens: a step in flight is never abandoned
+                break
+        return Text(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, t, complete)
 
     def close(self) -> None:
         for b in self._backends.values():
@@ -263,6 +275,14 @@ def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Gen
         z[np.argsort(z)[:-top_k]] = -np.inf
     p = np.exp(z - z.max())
     return int(rng.choice(len(p), p=p / p.sum()))
+
+
+def _due(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    if not deadline > 0:
+        raise InputError(f"deadline={deadline!r}; expected seconds > 0")
+    return time.monotonic() + deadline
 
 
 def _check_text(text: Any, what: str) -> str:

@@ -19,7 +19,7 @@ QUANTIZED = ["encoder", "merger", "projector", "llm", "regress_head", "seg_head"
 @pytest.fixture(scope="module")
 def int8(tiny_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "b"
-    return out, calibrate_bundle(tiny_bundle, out, n=16, method="minmax")
+    return out, calibrate_bundle(tiny_bundle, out, n=16, method="minmax", speed_gate=False)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_entropy_and_percentile_differ_from_minmax(tiny_bundle, encoder_feeds, t
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_other_methods_write_a_bundle(tiny_bundle, tmp_path, method):
-    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, method=method, stages=["encoder", "projector"])
+    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, method=method, stages=["encoder", "projector"], speed_gate=False)
     m = M.load_manifest(tmp_path / "b")
     assert m.stage("encoder").extra["method"] == method and m.stage("merger").precision == "fp32"
     assert set(rep["stages"]) == {"encoder", "projector"}
@@ -133,7 +133,7 @@ def test_int8_matches_fp32_on_heldout(int8, tiny_bundle):
 
 def test_auto_exclude_records_nodes(tiny_bundle, tmp_path):
     rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["projector"], auto_exclude=True,
-                           gate=(1.0, 0.0))  # unreachable gate: excludes up to the 25% cap
+                           gate=(1.0, 0.0), speed_gate=False)  # unreachable gate: excludes up to the 25% cap
     ex = M.load_manifest(tmp_path / "b").stage("projector").extra["excluded"]
     assert ex and ex == rep["stages"]["projector"]["excluded"]
     assert all(set(e) == {"node", "cosine"} and e["cosine"] <= 1.0 for e in ex)
@@ -187,3 +187,19 @@ def test_modelopt_missing(tiny_bundle, tmp_path):
             calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["projector"], quantizer="modelopt")
     else:
         pytest.skip("modelopt is installed")
+
+
+def test_speed_gate_keeps_slower_stages_float(tiny_bundle, tmp_path):
+    """Where INT8 is not faster than fp32 here, the stage stays float and the manifest says why."""
+    from setok.runtime.pipeline import Pipeline
+
+    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["encoder", "merger"])
+    m = M.load_manifest(tmp_path / "b")
+    for name in ("encoder", "merger"):
+        r, entry = rep["stages"][name], m.stage(name)
+        assert r["fp32_ms"] > 0 and r["int8_ms"] > 0
+        if "kept_float" in r:
+            assert entry.precision == "fp32" and entry.file == f"{name}.onnx" and "kept_float" in entry.extra
+        else:
+            assert entry.precision == "int8" and r["int8_ms"] < r["fp32_ms"]
+    Pipeline.open(tmp_path / "b").caption(np.zeros((64, 64, 3), np.uint8), max_new_tokens=2)

@@ -135,3 +135,31 @@ def test_export_run_parity_eval_on_a_bundle(tiny_ckpt, tmp_path):
 def test_run_needs_something_to_do(tiny_bundle):
     proc = setok("run", tiny_bundle, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: nothing to do")
+
+
+def test_doctor_says_whether_a_bundle_runs_here(tiny_bundle, tmp_path):
+    import shutil
+
+    env = json.loads(setok("doctor", tiny_bundle, "--json").stdout)
+    assert env["bundle"]["runs_here"] and env["packages"]["onnxruntime"] and "CPUExecutionProvider" in env["onnxruntime_providers"]
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    (broken / "merger.onnx").write_bytes(b"tampered")
+    proc = setok("doctor", broken, "--json", check=False)
+    assert proc.returncode == 1
+    assert "merger.onnx" in json.loads(proc.stdout)["bundle"]["problems"][0]
+
+
+def test_frame_loop_example(tiny_bundle, tmp_path):
+    from PIL import Image
+
+    from setok.data.items import eval_items
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, it in enumerate(eval_items(3, seed=60)):
+        Image.fromarray(it.image).save(frames / f"{i:03d}.png")
+    example = Path(__file__).parents[2] / "examples" / "frame_loop.py"
+    out = subprocess.run([sys.executable, str(example), str(tiny_bundle), str(frames), "how many objects are there"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 3 and all(line.startswith(f"{i:03d}.png:") and line.endswith("ms") for i, line in enumerate(out))

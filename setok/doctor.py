@@ -1,0 +1,82 @@
+"""`setok doctor`: what this environment can run, and whether a given bundle runs here."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+OPTIONAL = ("torch", "transformers", "optimum", "onnx", "onnxruntime", "onnxruntime_extensions", "tokenizers",
+            "tensorrt", "triton", "polygraphy", "modelopt")
+
+
+def _version(module: str) -> str | None:
+    """The installed version without importing the module (tensorrt/triton imports are heavy)."""
+    from importlib import metadata
+
+    names = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "modelopt": ("nvidia-modelopt",),
+             "onnxruntime_extensions": ("onnxruntime-extensions",)}.get(module, (module,))
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def environment() -> dict[str, Any]:
+    import setok
+
+    env: dict[str, Any] = {"setok": setok.__version__, "python": platform.python_version(),
+                           "platform": platform.platform(), "packages": {m: _version(m) for m in OPTIONAL}}
+    env["onnxruntime_providers"] = _providers()
+    env["gpu"] = _gpu()
+    env["tensorrt_python_plugins"] = _importable("tensorrt.plugin")
+    env["cluster_plugin_in_onnxruntime"] = _importable("onnxruntime_extensions")
+    env["ptxas"] = shutil.which("ptxas")
+    return env
+
+
+def _providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    return list(ort.get_available_providers())
+
+
+def _gpu() -> str | None:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    import subprocess
+
+    out = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 -- any failure to import means "not usable here", which is the answer
+        return False
+    return True
+
+
+def check_bundle(bundle: Path) -> list[str]:
+    """Problems that stop `bundle` from running here; empty when it runs (a real one-token caption)."""
+    import numpy as np
+
+    from setok.errors import SetokError
+    from setok.runtime import Pipeline
+
+    try:
+        pipe = Pipeline.open(bundle)
+        pipe.caption(np.zeros((pipe.size, pipe.size, 3), np.uint8), max_new_tokens=1)
+        if any(s.name == "cluster_plugin" for s in pipe.manifest.stages) and _importable("onnxruntime_extensions"):
+            pipe.tokenize(np.zeros((pipe.size, pipe.size, 3), np.uint8), cluster_stage="cluster_plugin")
+    except SetokError as e:
+        return [str(e)]
+    return []
