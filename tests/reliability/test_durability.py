@@ -1,0 +1,57 @@
+"""A kill at any moment leaves the old complete artifact or the new complete one, never half."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from setok import manifest as M
+
+
+def _kill_during(args: list[str], after: float) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "setok.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(after)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _complete_or_old(dest, old_sha: str | None) -> str:
+    """'new', 'old' or 'absent'; anything half-written fails."""
+    if not dest.exists():
+        assert old_sha is None, "the old bundle vanished"
+        return "absent"
+    m = M.load_manifest(dest)  # verifies every file's sha256
+    sha = M.sha256(dest / "manifest.json")
+    return "old" if sha == old_sha else "new"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_during_export(tiny_ckpt, tiny_bundle, tmp_path, seed):
+    import shutil
+
+    dest = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["setok_version"] = "old"  # mark the old bundle (still valid: the manifest is not hashed)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    old = M.sha256(dest / "manifest.json")
+    after = random.Random(seed).uniform(2.0, 12.0)  # import, tracing, validation, writing, renaming
+    _kill_during(["export", str(tiny_ckpt), "--out", str(dest)], after)
+    assert _complete_or_old(dest, old) in ("old", "new")
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "bundle"]
+    assert all(p.startswith(".bundle.") for p in leftovers), leftovers  # only hidden temp dirs of a killed writer
+
+
+def test_sigkill_during_train_leaves_a_loadable_checkpoint(tmp_path):
+    from setok.model.setokim import Setokim
+
+    out = tmp_path / "ck"
+    _kill_during(["train", "--preset", "tiny", "--steps", "40", "--ckpt-every", "3", "--out", str(out)], 9.0)
+    if out.exists():
+        Setokim.from_pretrained(out)  # every checkpoint on disk is complete
