@@ -47,6 +47,8 @@ def main(verbose: bool) -> None:
               help="setok: DPC-KNN clusters; patch / topk: the baselines.")
 @click.option("--max-minutes", type=float, default=None, help="Wall-clock budget (for same-time baselines).")
 @click.option("--ckpt-every", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Global batch (split over torchrun processes); default per preset.")
 @click.option("--encoder", "encoder_path", type=click.Path(exists=True, file_okay=False), default=None,
               help="A local Hugging Face vision model directory instead of the built-in ViT.")
 @click.option("--llm", "llm_path", type=click.Path(exists=True, file_okay=False), default=None,

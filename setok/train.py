@@ -20,6 +20,7 @@ import torch
 
 from setok.config import SetokimConfig, preset
 from setok.data.items import TrainItem, item_stream
+from setok.distributed import Dist, agree, average_gradients, barrier, gather_cat, gather_objects, init_from_env, mean_scalar, shard
 from setok.errors import InputError
 from setok.model import text as T
 from setok.model.losses import ConceptContrast, grouping_loss, owner_tokens, patch_labels
@@ -73,7 +74,7 @@ def train(opts: TrainOptions) -> Path:
         tok = T.train_text_tokenizer(stream.corpus(), cfg.llm.vocab_size)
         model = Setokim(cfg, tok)
         state = {"stage": 1, "step": 0, "elapsed": 0.0}
-    trainer = Trainer(model, opts, stream, state)
+    trainer = Trainer(model, opts, stream, state, init_from_env())
     trainer.run()
     return opts.out
 
@@ -90,8 +91,8 @@ def _load_state(opts: TrainOptions) -> dict | None:
 
 
 class Trainer:
-    def __init__(self, model: Setokim, opts: TrainOptions, stream, state: dict):
-        self.model, self.opts, self.stream, self.state = model, opts, stream, state
+    def __init__(self, model: Setokim, opts: TrainOptions, stream, state: dict, dist: Dist = Dist()):
+        self.model, self.opts, self.stream, self.state, self.dist = model, opts, stream, state, dist
         self.cfg: SetokimConfig = model.cfg
         self.steps = stage_steps(opts)
         self.batch = opts.batch_size or PRESET_BATCH[opts.preset]
@@ -114,7 +115,7 @@ class Trainer:
 
         total = sum(self.steps)
         done = self.state["step"] + (self.steps[0] if self.state["stage"] == 2 else 0)
-        bar = tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True, disable=not self.dist.main)
         start = time.monotonic() - self.state["elapsed"]
         while self.state["stage"] <= 2:
             stage, step = self.state["stage"], self.state["step"]
@@ -124,6 +125,8 @@ class Trainer:
             losses = self.step_stage1(step) if stage == 1 else self.step_stage2(step)
             self.state["step"] += 1
             self.state["elapsed"] = time.monotonic() - start
+            self.state.setdefault("history", []).append({"stage": stage, "step": step, **losses})
+            del self.state["history"][:-5000]  # bounded: the last 5000 steps' losses
             bar.update(1)
             bar.set_postfix(stage=stage, **{k: f"{v:.3f}" for k, v in losses.items()})
             if self.state["step"] % self.opts.ckpt_every == 0:
@@ -136,7 +139,7 @@ class Trainer:
             return False
         # Each stage gets its share of the budget, like it gets its share of the steps.
         share = self.steps[0] / sum(self.steps) if self.state["stage"] == 1 else 1.0
-        return time.monotonic() - start > 60.0 * self.opts.max_minutes * share
+        return agree(time.monotonic() - start > 60.0 * self.opts.max_minutes * share, self.dist)
 
     def _next_stage(self) -> None:
         if self.state["stage"] == 1:
@@ -158,7 +161,7 @@ class Trainer:
     def step_stage1(self, step: int) -> dict[str, float]:
         if step > 0 and step % max(1, self.steps[0] // 4) == 0:
             self._calibrate()  # keep tau matched to the moving features
-        items = self.stream.batch(step, self.batch)
+        items = shard(self.stream.batch(step, self.batch), self.dist)
         px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
         vt = self.model.vision(px)
         losses = {"recon": torch.nn.functional.mse_loss(self.model.vision.reconstruct(vt), px)}
@@ -179,25 +182,33 @@ class Trainer:
                 vecs.append(vt.tokens[b, t])
                 ids.append(self.model.encode_text(concept))
                 names.append(concept)
-        return self.concept(torch.stack(vecs), ids, names)
+        return self._contrast(torch.stack(vecs), ids, names)
+
+    def _contrast(self, vecs: torch.Tensor, ids: list[list[int]], names: list[str]) -> torch.Tensor:
+        """The contrastive loss over the global batch: every rank's embeddings are negatives."""
+        all_ids = [x for part in gather_objects(ids, self.dist) for x in part]
+        all_names = [x for part in gather_objects(names, self.dist) for x in part]
+        return self.concept(gather_cat(vecs, self.dist), all_ids, all_names)
 
     def _caption_contrast(self, vt, items: list[TrainItem]) -> torch.Tensor:
         """Without masks, the whole caption is the concept of the mean token of the image."""
         valid = (torch.arange(vt.tokens.shape[1]) < vt.clusters.num_tokens.unsqueeze(1)).float()
         pooled = (vt.tokens * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True)
         names = [it.caption for it in items]
-        return self.concept(pooled, [self.model.encode_text(n) for n in names], names)
+        return self._contrast(pooled, [self.model.encode_text(n) for n in names], names)
 
     # ---- stage 2 ---------------------------------------------------------------------------
     def step_stage2(self, step: int) -> dict[str, float]:
-        items = self.stream.batch(self.steps[0] + step, self.batch)
-        rng = random.Random(self.opts.seed * 1_000_003 + step)
+        indexed = shard(list(enumerate(self.stream.batch(self.steps[0] + step, self.batch))), self.dist)
+        items = [it for _, it in indexed]
         with torch.no_grad():
             px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
             vt = self.model.vision(px)
         seqs = []
-        for i, it in enumerate(items):
+        for i, (g, it) in enumerate(indexed):
             k = int(vt.clusters.num_tokens[i])
+            # One generator per image of the global batch: the same draws however it is sharded.
+            rng = random.Random((self.opts.seed * 1_000_003 + step) * 10_007 + g)
             seqs += task_sequences(self.model, it, vt.tokens[i, :k], vt.clusters.assignment[i], rng)
         return self._apply(self.model.losses(seqs))
 
@@ -207,16 +218,22 @@ class Trainer:
         total = sum(losses.values())
         self.opt.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        average_gradients(params, self.dist)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         self.opt.step()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: mean_scalar(float(v.detach()), self.dist) for k, v in losses.items()}
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save(self, final: bool) -> None:
+        if not self.dist.main:  # rank 0 writes; the others wait so nobody reads a half-saved step
+            barrier(self.dist)
+            return
         state = dict(self.state, finished=final, preset=self.opts.preset, seed=self.opts.seed,
                      data=self.opts.data, steps=list(self.steps))
         self.model.save_pretrained(self.opts.out, extra=state, optimizer=None if final else self._opt_tensors())
         log.info("checkpoint: %s (stage %s step %s)", self.opts.out, state["stage"], state["step"])
+        barrier(self.dist)
 
     def _opt_tensors(self) -> dict[str, torch.Tensor]:
         flat = {}
