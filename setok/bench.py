@@ -25,16 +25,16 @@ STAGES = ("preprocess", "encoder", "cluster", "merger", "projector", "llm_prefil
 QUESTION = "how many objects are there"
 
 
-class OrtTarget:
-    """A bundle through the torch-free runtime: image -> answer, stage by stage."""
+class RuntimeTarget:
+    """A bundle (ONNX Runtime) or engines (TensorRT) through the torch-free runtime."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, backend: str):
         from setok.runtime import Pipeline
 
         start = time.perf_counter()
-        self.pipe = Pipeline.open(path)
+        self.pipe = Pipeline.open(path, backend=backend)
         self.open_seconds = time.perf_counter() - start
-        self.name = f"onnxruntime:{path}"
+        self.name = f"{backend}:{path}"
 
     def run(self, image: np.ndarray, max_new_tokens: int) -> tuple[dict[str, float], int, int]:
         vt = self.pipe.tokenize(image)
@@ -83,15 +83,11 @@ def open_target(path: str | Path, backend: str | None):
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such checkpoint or bundle")
-    is_bundle = (path / "manifest.json").is_file()
-    backend = backend or ("onnxruntime" if is_bundle else "pytorch")
-    if backend == "onnxruntime" and is_bundle:
-        return OrtTarget(path)
-    if backend == "pytorch" and (path / "model.safetensors").is_file():
-        return TorchTarget(path)
-    if backend == "tensorrt":
-        raise InputError("--backend tensorrt needs engines built by `setok build`, which is not written yet")
-    raise InputError(f"{path}: backend {backend!r} needs a {'bundle' if backend == 'onnxruntime' else 'checkpoint'}")
+    kinds = {"onnxruntime": "manifest.json", "tensorrt": "engines.json", "pytorch": "model.safetensors"}
+    backend = backend or next((b for b, f in kinds.items() if (path / f).is_file()), "pytorch")
+    if not (path / kinds[backend]).is_file():
+        raise InputError(f"{path}: backend {backend!r} needs a directory with {kinds[backend]}")
+    return TorchTarget(path) if backend == "pytorch" else RuntimeTarget(path, backend)
 
 
 def bench(targets: list[str | Path], backend: str | None = None, n: int = 50, warmup: int = 5,

@@ -67,15 +67,15 @@ def train(**kw) -> None:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the metrics here.")
 @click.option("--n", type=click.IntRange(1), default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
-              help="For a bundle: the runtime backend.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="For a bundle: the runtime backend (tensorrt: an engines directory).")
 @user_errors
 def eval_(target: Path, json_out: Path | None, n: int, seed: int, backend: str) -> None:
     """Evaluate a checkpoint, or an exported bundle, on held-out synthetic scenes."""
     from setok.evaluate import evaluate_bundle, evaluate_checkpoint
     from setok.io import write_json
 
-    if (target / "manifest.json").is_file():
+    if (target / "manifest.json").is_file() or (target / "engines.json").is_file():
         result = evaluate_bundle(target, n=n, seed=seed, backend=backend)
     else:
         result = evaluate_checkpoint(_checkpoint(target), n=n, seed=seed)
@@ -256,6 +256,24 @@ def doctor(bundle: Path | None, as_json: bool) -> None:
                 click.echo(f"{key}: {value}")
     if problems:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Engines directory to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--max-batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None)
+@click.option("--version-compatible", is_flag=True, help="Engines that load on later TensorRT versions (slower).")
+@click.option("--cluster-form", type=click.Choice(["auto", "plugin", "standard"]), default="auto", show_default=True)
+@user_errors
+def build(bundle: Path, out: Path, precision: str, max_batch: int, timing_cache: Path | None,
+          version_compatible: bool, cluster_form: str) -> None:
+    """Build one TensorRT engine per stage (needs an NVIDIA GPU and TensorRT)."""
+    from setok.engines.build import build_engines
+
+    build_engines(bundle, out, precision, max_batch, timing_cache, version_compatible, cluster_form)
+    click.echo(f"engines written to {out}")
 
 
 @main.group()

@@ -117,7 +117,9 @@ def inside(bundle: Path, rel: str) -> Path:
     return path
 
 
-def load_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
+def load_manifest(bundle: str | Path, verify: bool = True, stages: bool = True) -> Manifest:
+    """Read and check a manifest; `stages=False` skips the stage files (an engines directory
+    carries only the manifest and its other files: the stages are engines there)."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
     if not path.is_file():
@@ -135,12 +137,13 @@ def load_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     except (KeyError, TypeError) as e:
         raise BundleError(f"{path} is missing {e}") from None
     if verify:
-        verify_files(bundle, m)
+        verify_files(bundle, m, stages)
     return m
 
 
-def verify_files(bundle: Path, m: Manifest) -> None:
-    entries = [(s.file, s.sha256) for s in m.stages] + [(f["file"], f["sha256"]) for f in m.files.values()]
+def verify_files(bundle: Path, m: Manifest, stages: bool = True) -> None:
+    entries = [(s.file, s.sha256) for s in m.stages] if stages else []
+    entries += [(f["file"], f["sha256"]) for f in m.files.values()]
     for rel, digest in entries:
         path = inside(bundle, rel)
         if not path.is_file():

@@ -53,7 +53,7 @@ class EngineEntry:
                 "inputs": ins, "outputs": [t.to_dict() for t in self.outputs]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EngineEntry":
+    def from_dict(cls, d: dict[str, Any]) -> EngineEntry:
         names = list(d["profiles"])
         ins = [TensorSpec(t["name"], t["dtype"], list(t["shape"])) for t in d["inputs"]]
         profiles = [Profile(name, {t["name"]: tuple(tuple(t["profiles"][i][k]) for k in ("min", "opt", "max"))
@@ -98,7 +98,7 @@ class EnginesManifest:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EnginesManifest":
+    def from_dict(cls, d: dict[str, Any]) -> EnginesManifest:
         gpu = d["gpu"]
         return cls(str(d["tensorrt_version"]), gpu["name"], tuple(int(x) for x in gpu["compute_capability"]),
                    d["precision"], d["bundle"]["manifest_sha256"], [EngineEntry.from_dict(e) for e in d["engines"]],

@@ -57,7 +57,7 @@ class Limits:
             raise InputError(f"max_sequence={self.max_sequence}; the LLM needs at least 2 positions")
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, max_batch: int = 1) -> "Limits":
+    def from_manifest(cls, manifest: Manifest, max_batch: int = 1) -> Limits:
         from setok.config import SetokimConfig  # torch-free
 
         cfg = SetokimConfig.from_dict(manifest.config)
@@ -104,7 +104,7 @@ class Profile:
         return {"name": self.name, "shapes": {n: [list(s) for s in mmm] for n, mmm in self.shapes.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Profile":
+    def from_dict(cls, d: dict[str, Any]) -> Profile:
         return cls(d["name"], {n: tuple(tuple(int(x) for x in s) for s in mmm) for n, mmm in d["shapes"].items()})
 
 

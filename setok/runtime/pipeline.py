@@ -59,10 +59,8 @@ class Image:
 
 
 class Pipeline:
-    def __init__(self, bundle: Path, manifest: M.Manifest, backend: str, providers, threads):
-        if backend != "onnxruntime":
-            raise InputError(f"backend {backend!r} is not available in this build; expected 'onnxruntime'")
-        self.bundle, self.manifest = bundle, manifest
+    def __init__(self, bundle: Path, manifest: M.Manifest, backend: str, providers, threads, engines: Path | None = None):
+        self.bundle, self.manifest, self.backend, self.engines = bundle, manifest, backend, engines
         self.providers, self.threads = providers, threads
         self._backends: dict[str, OrtBackend] = {}
         self._lock = threading.Lock()
@@ -79,12 +77,22 @@ class Pipeline:
     @classmethod
     def open(cls, bundle: str | Path, backend: str = "onnxruntime", providers: list[str] | None = None,
              threads: int | None = None) -> "Pipeline":
-        """Open a bundle: the manifest is read and every file's sha256 checked; sessions are lazy."""
+        """Open a bundle (backend "onnxruntime") or an engines directory written by `setok build`
+        (backend "tensorrt"): the manifest is read and every file's sha256 checked; sessions are lazy."""
         bundle = Path(bundle)
-        return cls(bundle, M.load_manifest(bundle), backend, providers, threads)
+        if backend == "onnxruntime":
+            return cls(bundle, M.load_manifest(bundle), backend, providers, threads)
+        if backend == "tensorrt":
+            if not (bundle / "engines.json").is_file():
+                raise InputError(f"{bundle}: no engines.json; backend 'tensorrt' opens a directory written by `setok build`")
+            contract = bundle / "bundle"
+            return cls(contract, M.load_manifest(contract, stages=False), backend, providers, threads, engines=bundle)
+        raise InputError(f"backend {backend!r}; expected 'onnxruntime' or 'tensorrt'")
 
     def stage(self, name: str) -> OrtBackend:
         with self._lock:  # sessions are created once, lazily; ORT sessions are thread-safe to run
+            if self.engines is not None:
+                return self._engine(name)
             if name not in self._backends:
                 entry = self.manifest.stage(name)
                 opts = None
@@ -94,6 +102,15 @@ class Pipeline:
                     opts = plugin_session_options()
                 self._backends[name] = OrtBackend(M.inside(self.bundle, entry.file), entry, self.providers, self.threads, opts)
             return self._backends[name]
+
+    def _engine(self, name: str):
+        """TensorRT engines (all opened at once: one CUDA context, shared stream)."""
+        if not self._backends:
+            from setok.runtime.trt import open_engines
+
+            self._backends.update(open_engines(self.engines))
+        # One cluster engine serves both names: it was built from the plugin or the standard form.
+        return self._backends["cluster" if name == "cluster_plugin" else name]
 
     def warmup(self) -> None:
         self.caption(np.zeros((self.size, self.size, 3), np.uint8), max_new_tokens=2)

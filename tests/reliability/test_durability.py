@@ -26,7 +26,7 @@ def _complete_or_old(dest, old_sha: str | None) -> str:
     if not dest.exists():
         assert old_sha is None, "the old bundle vanished"
         return "absent"
-    m = M.load_manifest(dest)  # verifies every file's sha256
+    M.load_manifest(dest)  # verifies every file's sha256
     sha = M.sha256(dest / "manifest.json")
     return "old" if sha == old_sha else "new"
 

@@ -1,0 +1,239 @@
+"""The TensorRT backend: one engine per stage behind the same Backend protocol as ONNX Runtime.
+
+cuda-python (no torch) for device memory and the stream; name-based I/O (set_tensor_address,
+set_input_shape, execute_async_v3), the TensorRT >= 10 API. Importing this module imports neither
+tensorrt nor cuda: both load on first use, with an install hint when missing.
+
+Written against TensorRT's and cuda-python's documented Python APIs; TensorRT is not installable on
+the development machine, so only the pure parts (profiles, manifest) are exercised there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from setok.engines.manifest import EngineEntry, check_compatible, load_engines_manifest
+from setok.engines.profiles import (
+    buffer_plan,
+    resolve_dims,
+    resolve_shape,
+    select_profile,
+)
+from setok.errors import MissingDependency
+from setok.manifest import TensorSpec, inside
+from setok.runtime.backend import check_feeds
+
+log = logging.getLogger(__name__)
+
+TRT_MISSING = ("tensorrt is needed for the TensorRT backend: pip install 'setok[gpu]' on a machine with an NVIDIA GPU "
+               "(TensorRT >= 10.8; JetPack 6 ships 10.3)")
+CUDA_MISSING = "cuda-python is needed for the TensorRT backend: pip install 'setok[gpu]' (cuda-python >= 12.6)"
+MIN_ALLOC = 256  # TensorRT wants 256-byte aligned, non-null addresses, also for empty tensors (a 0-length past)
+
+
+class TrtError(RuntimeError):
+    """TensorRT or CUDA reported a failure at run time (not a user mistake: keep the traceback)."""
+
+
+def tensorrt() -> ModuleType:
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise MissingDependency(TRT_MISSING) from e
+    return trt
+
+
+def cudart() -> ModuleType:
+    """cuda-python's runtime module: `cuda.bindings.runtime` (>= 12.6), else the older `cuda.cudart`."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime
+        except ImportError as e:
+            raise MissingDependency(CUDA_MISSING) from e
+    return runtime
+
+
+def cuda_call(result: Any, what: str) -> Any:
+    """cuda-python returns (error, *values): raise on error (naming `what`), return the values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    rt = cudart()
+    if err != rt.cudaError_t.cudaSuccess:
+        _, msg = rt.cudaGetErrorString(err)
+        raise TrtError(f"{what} failed: {getattr(err, 'name', err)} ({msg.decode() if isinstance(msg, bytes) else msg})")
+    return values[0] if len(values) == 1 else (tuple(values) if values else None)
+
+
+def device_info(device: int | None = None) -> tuple[str, tuple[int, int]]:
+    """(GPU name, compute capability) of the current (or given) CUDA device."""
+    rt = cudart()
+    dev = cuda_call(rt.cudaGetDevice(), "cudaGetDevice") if device is None else device
+    prop = cuda_call(rt.cudaGetDeviceProperties(dev), f"cudaGetDeviceProperties({dev})")
+    name = prop.name.split(b"\0")[0].decode() if isinstance(prop.name, bytes) else str(prop.name)
+    return name, (int(prop.major), int(prop.minor))
+
+
+class DeviceBuffer:
+    """One cudaMalloc allocation that grows (never shrinks) to the largest request."""
+
+    def __init__(self, rt: ModuleType, what: str):
+        self.rt, self.what, self.ptr, self.nbytes = rt, what, 0, 0
+
+    def reserve(self, nbytes: int) -> int:
+        if nbytes > self.nbytes or not self.ptr:
+            self.free()
+            size = max(MIN_ALLOC, nbytes)
+            self.ptr = int(cuda_call(self.rt.cudaMalloc(size), f"cudaMalloc({size}) for {self.what}"))
+            self.nbytes = size
+        return self.ptr
+
+    def free(self) -> None:
+        if self.ptr:
+            cuda_call(self.rt.cudaFree(self.ptr), f"cudaFree for {self.what}")
+        self.ptr, self.nbytes = 0, 0
+
+
+class TrtBackend:
+    """One TensorRT engine for one stage (the Backend protocol: inputs / outputs / run / close)."""
+
+    def __init__(self, engine_path: str | Path, entry: EngineEntry, stream: int | None = None,
+                 version_compatible: bool = False):
+        trt, self.rt = tensorrt(), cudart()
+        self.entry, self.stage = entry, entry.stage
+        self._inputs = {t.name: t for t in entry.inputs}
+        self._outputs = {t.name: t for t in entry.outputs}
+        _load_plugin(entry)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        if version_compatible:
+            # A version-compatible plan embeds a lean runtime (host code): TensorRT refuses it unless
+            # allowed. We only load plans listed, with their sha256, in engines.json.
+            self._runtime.engine_host_code_allowed = True
+        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise TrtError(f"stage {self.stage}: TensorRT could not deserialize {engine_path} (see the TensorRT log above)")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise TrtError(f"stage {self.stage}: could not create an execution context (out of GPU memory?)")
+        self._check_io(trt)
+        self._own_stream = stream is None
+        self.stream = int(cuda_call(self.rt.cudaStreamCreate(), "cudaStreamCreate")) if stream is None else int(stream)
+        self._buffers = {n: DeviceBuffer(self.rt, f"stage {self.stage} tensor {n}") for n in [*self._inputs, *self._outputs]}
+        self._profile: int | None = None
+
+    def _check_io(self, trt: ModuleType) -> None:
+        """The engine's tensors must be the manifest's, by name, mode and dtype."""
+        io = {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            io[name] = (self.engine.get_tensor_mode(name), np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))))
+        want = {n: (trt.TensorIOMode.INPUT, np.dtype(s.dtype)) for n, s in self._inputs.items()}
+        want |= {n: (trt.TensorIOMode.OUTPUT, np.dtype(s.dtype)) for n, s in self._outputs.items()}
+        if io != want:
+            raise TrtError(f"stage {self.stage}: engine I/O {sorted((n, str(d)) for n, (_, d) in io.items())} "
+                           f"does not match engines.json {sorted((n, str(d)) for n, (_, d) in want.items())}")
+
+    def inputs(self) -> dict[str, TensorSpec]:
+        return self._inputs
+
+    def outputs(self) -> dict[str, TensorSpec]:
+        return self._outputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.stage, self._inputs, feeds)
+        shapes = {n: tuple(a.shape) for n, a in feeds.items()}
+        self._use_profile(select_profile(self.entry.profiles, shapes, self.stage))
+        hosts = {n: np.ascontiguousarray(a) for n, a in feeds.items()}  # alive until the stream syncs
+        for name, arr in hosts.items():
+            self._bind_input(name, arr)
+        outs = self._bind_outputs(resolve_dims(list(self._inputs.values()), shapes))
+        if not self.context.execute_async_v3(self.stream):
+            raise TrtError(f"stage {self.stage}: execute_async_v3 failed (see the TensorRT log above)")
+        for name, arr in outs.items():
+            self._copy(arr.ctypes.data, self._buffers[name].ptr, arr.nbytes, "DeviceToHost", name)
+        cuda_call(self.rt.cudaStreamSynchronize(self.stream), f"cudaStreamSynchronize after stage {self.stage}")
+        return outs
+
+    def _use_profile(self, index: int) -> None:
+        if index != self._profile:
+            if not self.context.set_optimization_profile_async(index, self.stream):
+                raise TrtError(f"stage {self.stage}: set_optimization_profile_async({index}) failed")
+            self._profile = index
+
+    def _bind_input(self, name: str, arr: np.ndarray) -> None:
+        ptr = self._buffers[name].reserve(arr.nbytes)
+        if arr.nbytes:
+            self._copy(ptr, arr.ctypes.data, arr.nbytes, "HostToDevice", name)
+        if not self.context.set_input_shape(name, arr.shape):
+            raise TrtError(f"stage {self.stage}: set_input_shape({name}, {list(arr.shape)}) was refused")
+        if not self.context.set_tensor_address(name, ptr):
+            raise TrtError(f"stage {self.stage}: set_tensor_address({name}) was refused")
+
+    def _bind_outputs(self, dims: dict[str, int]) -> dict[str, np.ndarray]:
+        """Host arrays for the outputs; device buffers sized by the manifest, shapes checked against TensorRT."""
+        plan = buffer_plan(list(self._outputs.values()), dims)
+        outs = {}
+        for name, spec in self._outputs.items():
+            shape = tuple(self.context.get_tensor_shape(name))
+            want = resolve_shape(spec, dims)
+            if shape != want:  # a manifest/engine disagreement, or a data-dependent shape (-1)
+                raise TrtError(f"stage {self.stage}: output {name} has shape {list(shape)} in TensorRT, "
+                               f"{list(want)} by engines.json")
+            ptr = self._buffers[name].reserve(plan[name])
+            if not self.context.set_tensor_address(name, ptr):
+                raise TrtError(f"stage {self.stage}: set_tensor_address({name}) was refused")
+            outs[name] = np.empty(shape, np.dtype(spec.dtype))
+        return outs
+
+    def _copy(self, dst: int, src: int, nbytes: int, kind: str, name: str) -> None:
+        if not nbytes:
+            return
+        k = getattr(self.rt.cudaMemcpyKind, f"cudaMemcpy{kind}")
+        cuda_call(self.rt.cudaMemcpyAsync(dst, src, nbytes, k, self.stream),
+                  f"cudaMemcpyAsync {kind} of stage {self.stage} tensor {name}")
+
+    def close(self) -> None:
+        if getattr(self, "_buffers", None) is None:
+            return
+        for buf in self._buffers.values():
+            buf.free()
+        self._buffers = None
+        self.context = self.engine = None  # the context before the engine, the engine before the runtime
+        if self._own_stream:
+            cuda_call(self.rt.cudaStreamDestroy(self.stream), f"cudaStreamDestroy of stage {self.stage}")
+
+    def __del__(self) -> None:  # best effort: a failing free at interpreter exit must not raise
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001
+            log.debug("stage %s: cleanup at exit failed: %s", getattr(self, "stage", "?"), e)
+
+
+def _load_plugin(entry: EngineEntry) -> None:
+    """Register the plugin an engine needs before deserializing it (TensorRT looks creators up then)."""
+    if not entry.plugin:
+        return
+    if entry.plugin.get("module"):
+        importlib.import_module(entry.plugin["module"]).register_plugin()
+    elif entry.plugin.get("library"):
+        trt = tensorrt()
+        registry = trt.get_plugin_registry()
+        if registry.load_library(entry.plugin["library"]) is None:
+            raise TrtError(f"stage {entry.stage}: could not load plugin library {entry.plugin['library']}")
+
+
+def open_engines(folder: str | Path, stages: list[str] | None = None, stream: int | None = None) -> dict[str, TrtBackend]:
+    """TrtBackends for the engines of `folder` (all, or `stages`), after checking this machine fits them."""
+    folder = Path(folder)
+    m = load_engines_manifest(folder)
+    name, cc = device_info()
+    check_compatible(m, tensorrt().__version__, cc, name)
+    chosen = [m.engine(s) for s in stages] if stages else m.engines
+    return {e.stage: TrtBackend(inside(folder, e.file), e, stream, m.version_compatible) for e in chosen}
