@@ -105,11 +105,23 @@ def _llm(model, pipe, vision: torch.Tensor, rows: dict) -> None:
     agree = float(np.mean(logits.argmax(-1).numpy() == out["logits"].argmax(-1)))
     rows["llm_teacher_forced"].append(agree)
     h = hidden[0]
-    rows["regress_head"].append(compare(M.VISION_TOKENS, model.regress(h).numpy(),
-                                        pipe.stage("regress_head").run(_feeds(hidden=h))[M.VISION_TOKENS]))
+    slots = _target_hidden(model, vision.shape[0])  # what the head sees when the LLM draws
+    rows["regress_head"].append(compare(M.VISION_TOKENS, model.regress(slots).numpy(),
+                                        pipe.stage("regress_head").run(_feeds(hidden=slots))[M.VISION_TOKENS]))
     q, kh = h[-1:], h[2:2 + vision.shape[0]][None]
     ref = (model.seg_key(kh) @ model.seg_query(q).unsqueeze(-1)).squeeze(-1) / h.shape[-1] ** 0.5
     rows["seg_head"].append(compare(M.SEG_LOGITS, ref.numpy(), pipe.stage("seg_head").run(_feeds(query_hidden=q, token_hidden=kh))[M.SEG_LOGITS]))
+
+
+def _target_hidden(model, k: int) -> torch.Tensor:
+    """LLM hidden states at the <target> slots of a teacher-forced drawing sequence, (k, H)."""
+    from setok.model import text as T
+
+    seq = model.generation_prefix("a large red circle at center and a small blue square at top left on a navy gradient")
+    seq.add([model.ids[T.IM_START]] + [model.ids[T.TARGET]] * k + [model.ids[T.IM_END]])
+    batch = model.collate([seq])
+    _, hidden = model.hidden(batch)
+    return hidden[0][batch.ids[0] == model.ids[T.TARGET]]
 
 
 def _end_to_end(model, pipe, rgb: np.ndarray, rows: dict) -> None:
