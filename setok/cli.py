@@ -276,6 +276,21 @@ def build(bundle: Path, out: Path, precision: str, max_batch: int, timing_cache:
     click.echo(f"engines written to {out}")
 
 
+@main.command("export-triton")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model repository to write.")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="With an engines directory: its source bundle.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 256), default=8, show_default=True)
+@user_errors
+def export_triton_(source: Path, out: Path, device: str, bundle: Path | None, max_new_tokens: int) -> None:
+    """Write a Triton Inference Server model repository: one model per stage + a Python-backend pipeline."""
+    from setok.serve import export_triton
+
+    export_triton(source, out, device=device, max_new_tokens=max_new_tokens, bundle=bundle)
+    click.echo(f"model repository written to {out}")
+
+
 @main.group()
 def plugin() -> None:
     """The clustering plugin: Triton kernels for the TensorRT plugin setok::DensityPeakCluster."""
