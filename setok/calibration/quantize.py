@@ -37,8 +37,10 @@ MAX_EXCLUDE_FRAC = 0.25
 # Outputs of the quantized ops stay float: otherwise ORT puts Q/DQ on every MatMul output, so the
 # bias Adds, Softmax and residual Adds would read dequantized tensors (TensorRT's placement rules
 # quantize GEMM/conv inputs only). Dedicated pairs keep a float tensor float for its other readers.
+# Biases stay float (QuantizeBias=False): TensorRT's DequantizeLinear takes int8/fp8 inputs, not
+# the int32 biases ORT makes by default (`setok lint` flags them).
 QDQ_OPTIONS = {"WeightSymmetric": True, "ActivationSymmetric": True,
-               "OpTypesToExcludeOutputQuantization": OP_TYPES, "DedicatedQDQPair": True}
+               "OpTypesToExcludeOutputQuantization": OP_TYPES, "DedicatedQDQPair": True, "QuantizeBias": False}
 
 
 def calibrate_bundle(bundle: Path, out: Path, data: str = "synthetic", n: int = 256, method: str = "minmax",

@@ -168,3 +168,10 @@ def test_unknown_schema_is_refused(tiny_bundle, tmp_path):
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="schema_version 99"):
         Pipeline.open(b)
+
+
+def test_unknown_characters_and_long_prompts(pipe, scenes):
+    vt = pipe.tokenize(scenes[0].image)
+    assert isinstance(pipe.answer(vt, "ÿ 漢字 🙂 is there a red circle").text, str)  # unknown -> <unk>, no crash
+    with pytest.raises(InputError, match="exceeds the context"):
+        pipe.answer(vt, "red " * 400)
