@@ -122,15 +122,7 @@ def load_manifest(bundle: str | Path, verify: bool = True, stages: bool = True) 
     carries only the manifest and its other files: the stages are engines there)."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{bundle}: no {MANIFEST}; expected a bundle written by `setok export`")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict) or d.get("schema_version") != SCHEMA_VERSION:
-        got = d.get("schema_version") if isinstance(d, dict) else None
-        raise BundleError(f"{path}: schema_version {got!r} is not supported; expected {SCHEMA_VERSION} (re-export the bundle)")
+    d = read_versioned_json(path, SCHEMA_VERSION, BundleError, "a bundle written by `setok export`", "re-export the bundle")
     try:
         m = Manifest(d["setok_version"], d["config"], d["preprocessing"],
                      [StageEntry.from_dict(s) for s in d["stages"]], d.get("files", {}), d.get("text", {}))
@@ -139,6 +131,20 @@ def load_manifest(bundle: str | Path, verify: bool = True, stages: bool = True) 
     if verify:
         verify_files(bundle, m, stages)
     return m
+
+
+def read_versioned_json(path: Path, schema: int, error: type[Exception], what: str, fix: str) -> dict:
+    """A JSON object with `schema_version == schema`, or `error` saying what was found and what to do."""
+    if not path.is_file():
+        raise error(f"{path.parent}: no {path.name}; expected {what}")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("schema_version") != schema:
+        got = d.get("schema_version") if isinstance(d, dict) else None
+        raise error(f"{path}: schema_version {got!r} is not supported; expected {schema} ({fix})")
+    return d
 
 
 def verify_files(bundle: Path, m: Manifest, stages: bool = True) -> None:

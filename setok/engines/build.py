@@ -37,6 +37,7 @@ from setok.engines.manifest import (
     parse_version,
 )
 from setok.engines.profiles import Limits, Profile, stage_profiles
+from setok.optional import require
 from setok.errors import InputError, MissingDependency, SetokError
 from setok.io import atomic_dir
 
@@ -55,12 +56,7 @@ class BuildError(SetokError):
 
 
 def tensorrt() -> ModuleType:
-    """The one place `setok build` imports tensorrt."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise MissingDependency(TRT_MISSING) from e
-    return trt
+    return require("tensorrt", TRT_MISSING)
 
 
 # ---- pure decisions (unit-tested without TensorRT) ------------------------------------------

@@ -7,7 +7,6 @@ runtime checks both (check_compatible) before deserializing anything: a mismatch
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 from setok.engines.profiles import Profile
 from setok.errors import InputError
 from setok.io import write_json
-from setok.manifest import TensorSpec, inside, sha256
+from setok.manifest import TensorSpec, inside, read_versioned_json, sha256
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +113,7 @@ class EnginesManifest:
 def load_engines_manifest(folder: str | Path, verify: bool = True) -> EnginesManifest:
     folder = Path(folder)
     path = folder / ENGINES_MANIFEST
-    if not path.is_file():
-        raise EnginesError(f"{folder}: no {ENGINES_MANIFEST}; expected a directory written by `setok build`")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EnginesError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict) or d.get("schema_version") != SCHEMA_VERSION:
-        got = d.get("schema_version") if isinstance(d, dict) else None
-        raise EnginesError(f"{path}: schema_version {got!r} is not supported; expected {SCHEMA_VERSION} (rebuild with `setok build`)")
+    d = read_versioned_json(path, SCHEMA_VERSION, EnginesError, "a directory written by `setok build`", "rebuild with `setok build`")
     try:
         m = EnginesManifest.from_dict(d)
     except (KeyError, TypeError, ValueError, IndexError) as e:

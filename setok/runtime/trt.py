@@ -25,6 +25,7 @@ from setok.engines.profiles import (
     resolve_shape,
     select_profile,
 )
+from setok.optional import require
 from setok.errors import MissingDependency
 from setok.manifest import TensorSpec, inside
 from setok.runtime.backend import check_feeds
@@ -42,11 +43,7 @@ class TrtError(RuntimeError):
 
 
 def tensorrt() -> ModuleType:
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise MissingDependency(TRT_MISSING) from e
-    return trt
+    return require("tensorrt", TRT_MISSING)
 
 
 def cudart() -> ModuleType:
