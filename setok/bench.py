@@ -32,7 +32,9 @@ class RuntimeTarget:
         from setok.runtime import Pipeline
 
         start = time.perf_counter()
-        self.pipe = Pipeline.open(path, backend=backend)
+        # No spinning ORT threads: they would steal the cores from the next target in the
+        # interleaved loop (PyTorch measured 10x slower beside spinning ORT sessions).
+        self.pipe = Pipeline.open(path, backend=backend, spin=False)
         self.open_seconds = time.perf_counter() - start
         self.name = f"{backend}:{path}"
 

@@ -141,4 +141,7 @@ def preset(name: str, tokenizer: str = "setok") -> SetokimConfig:
         raise InputError(f"unknown tokenizer {tokenizer!r}; expected 'setok', 'patch' or 'topk'")
     cfg.tokenizer = tokenizer
     cfg.preset = name
+    # The LLM's context must hold every vision token plus the longest prompt: the patch
+    # baseline feeds all N patches (RoPE has no learned positions, so this changes no weight).
+    cfg.llm.max_position_embeddings = max(cfg.llm.max_position_embeddings, cfg.max_tokens + 128)
     return cfg

@@ -38,7 +38,7 @@ class OrtBackend:
     """One ONNX Runtime session for one stage of a bundle."""
 
     def __init__(self, path: Path, entry: StageEntry, providers: list[str] | None = None,
-                 threads: int | None = None, session_options=None):
+                 threads: int | None = None, session_options=None, spin: bool = True):
         import onnxruntime as ort
 
         self.entry = entry
@@ -46,6 +46,10 @@ class OrtBackend:
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:
+            # Idle ORT threads otherwise busy-wait for the next run, starving anything else in
+            # the process (another framework, the app's own threads) for a few milliseconds.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
         self._inputs = {t.name: t for t in entry.inputs}
         self._outputs = {t.name: t for t in entry.outputs}

@@ -59,8 +59,10 @@ class Image:
 
 
 class Pipeline:
-    def __init__(self, bundle: Path, manifest: M.Manifest, backend: str, providers, threads, engines: Path | None = None):
+    def __init__(self, bundle: Path, manifest: M.Manifest, backend: str, providers, threads, engines: Path | None = None,
+                 spin: bool = True):
         self.bundle, self.manifest, self.backend, self.engines = bundle, manifest, backend, engines
+        self.spin = spin
         self.providers, self.threads = providers, threads
         self._backends: dict[str, OrtBackend] = {}
         self._lock = threading.Lock()
@@ -75,13 +77,13 @@ class Pipeline:
         self.tokenizer = _load_tokenizer(M.inside(bundle, manifest.files["tokenizer"]["file"]))
 
     @classmethod
-    def open(cls, bundle: str | Path, backend: str = "onnxruntime", providers: list[str] | None = None,
-             threads: int | None = None) -> "Pipeline":
+    def open(cls, bundle: str | Path, backend: str = "onnxruntime", providers: list | None = None,
+             threads: int | None = None, spin: bool = True) -> "Pipeline":
         """Open a bundle (backend "onnxruntime") or an engines directory written by `setok build`
         (backend "tensorrt"): the manifest is read and every file's sha256 checked; sessions are lazy."""
         bundle = Path(bundle)
         if backend == "onnxruntime":
-            return cls(bundle, M.load_manifest(bundle), backend, providers, threads)
+            return cls(bundle, M.load_manifest(bundle), backend, providers, threads, spin=spin)
         if backend == "tensorrt":
             if not (bundle / "engines.json").is_file():
                 raise InputError(f"{bundle}: no engines.json; backend 'tensorrt' opens a directory written by `setok build`")
@@ -100,7 +102,8 @@ class Pipeline:
                     from setok.runtime.cluster_op import plugin_session_options
 
                     opts = plugin_session_options()
-                self._backends[name] = OrtBackend(M.inside(self.bundle, entry.file), entry, self.providers, self.threads, opts)
+                self._backends[name] = OrtBackend(M.inside(self.bundle, entry.file), entry, self.providers, self.threads,
+                                                  opts, self.spin)
             return self._backends[name]
 
     def _engine(self, name: str):
