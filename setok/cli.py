@@ -168,15 +168,17 @@ def parity(ckpt: Path, bundle: Path, images: Path | None, n: int, precision: str
 @click.option("--auto-exclude", is_flag=True, help="Keep the most sensitive layers in float until the gates hold.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--keep-slow-int8", is_flag=True, help="Keep INT8 stages even where they are not faster than fp32 here.")
+@click.option("--task-gate", type=click.IntRange(0), default=100, show_default=True,
+              help="Held-out scenes for the task-accuracy gate (0: skip it).")
 @user_errors
 def calibrate(bundle: Path, out: Path, data: str, n: int, method: str, stages: str | None, quantizer: str,
-              auto_exclude: bool, seed: int, keep_slow_int8: bool) -> None:
+              auto_exclude: bool, seed: int, keep_slow_int8: bool, task_gate: int) -> None:
     """Calibrate a bundle on real data into explicit Q/DQ INT8 ONNX (+ range files, TensorRT table)."""
     from setok.calibration import calibrate_bundle
 
     names = [x.strip() for x in stages.split(",") if x.strip()] if stages else None
     report = calibrate_bundle(bundle, out, data=data, n=n, method=method, stages=names, quantizer=quantizer,
-                              auto_exclude=auto_exclude, seed=seed, speed_gate=not keep_slow_int8)
+                              auto_exclude=auto_exclude, seed=seed, speed_gate=not keep_slow_int8, task_gate=task_gate)
     click.echo(json.dumps(report, indent=2, default=str))
 
 

@@ -131,8 +131,14 @@ def int8_demo(ckpt: Path, out: Path, echo: Callable[[str], None], n_cal: int = 6
     echo(f"fp32 vs INT8 bundle on {n_eval} held-out scenes (ONNX Runtime, CPU):")
     for key in ("fg_ari", "tokens_mean", "vqa_accuracy", "caption_exact", "refseg_miou", "recon_psnr", "gen_psnr", "eval_seconds"):
         echo(f"  {key:16s} {fp32[key]:10.3f} {int8[key]:10.3f}")
+    gate = report.get("task_gate", {})
+    if gate:
+        back = ", ".join(r["stage"] for r in gate["reverted"]) or "none"
+        echo(f"task gate on {gate['n']} held-out scenes: {'passed' if gate['passed'] else 'FAILED'}; reverted to fp32: {back}")
     echo("per stage: INT8 output cosine vs fp32, latency fp32 -> INT8 (ms), what the bundle keeps:")
     for stage, r in report["stages"].items():
         kept = "fp32 (INT8 not faster here)" if "kept_float" in r else "INT8"
+        if any(x["stage"] == stage for x in gate.get("reverted", [])):
+            kept = "fp32 (task gate)"
         echo(f"  {stage:16s} cosine {r['cosine']:.5f}  {r['fp32_ms']:8.3f} -> {r['int8_ms']:8.3f}  {kept}")
     return {"fp32": fp32, "int8": int8}

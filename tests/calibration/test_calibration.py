@@ -19,7 +19,7 @@ QUANTIZED = ["encoder", "merger", "projector", "llm", "regress_head", "seg_head"
 @pytest.fixture(scope="module")
 def int8(tiny_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "b"
-    return out, calibrate_bundle(tiny_bundle, out, n=16, method="minmax", speed_gate=False)
+    return out, calibrate_bundle(tiny_bundle, out, n=16, method="minmax", speed_gate=False, task_gate=0)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_entropy_and_percentile_differ_from_minmax(tiny_bundle, encoder_feeds, t
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_other_methods_write_a_bundle(tiny_bundle, tmp_path, method):
-    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, method=method, stages=["encoder", "projector"], speed_gate=False)
+    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, method=method, stages=["encoder", "projector"], speed_gate=False, task_gate=0)
     m = M.load_manifest(tmp_path / "b")
     assert m.stage("encoder").extra["method"] == method and m.stage("merger").precision == "fp32"
     assert set(rep["stages"]) == {"encoder", "projector"}
@@ -133,7 +133,7 @@ def test_int8_matches_fp32_on_heldout(int8, tiny_bundle):
 
 def test_auto_exclude_records_nodes(tiny_bundle, tmp_path):
     rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["projector"], auto_exclude=True,
-                           gate=(1.0, 0.0), speed_gate=False)  # unreachable gate: excludes up to the 25% cap
+                           gate=(1.0, 0.0), speed_gate=False, task_gate=0)  # unreachable gate: excludes up to the 25% cap
     ex = M.load_manifest(tmp_path / "b").stage("projector").extra["excluded"]
     assert ex and ex == rep["stages"]["projector"]["excluded"]
     assert all(set(e) == {"node", "cosine"} and e["cosine"] <= 1.0 for e in ex)
@@ -193,7 +193,7 @@ def test_speed_gate_keeps_slower_stages_float(tiny_bundle, tmp_path):
     """Where INT8 is not faster than fp32 here, the stage stays float and the manifest says why."""
     from setok.runtime.pipeline import Pipeline
 
-    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["encoder", "merger"])
+    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["encoder", "merger"], task_gate=0)
     m = M.load_manifest(tmp_path / "b")
     for name in ("encoder", "merger"):
         r, entry = rep["stages"][name], m.stage(name)
@@ -201,5 +201,29 @@ def test_speed_gate_keeps_slower_stages_float(tiny_bundle, tmp_path):
         if "kept_float" in r:
             assert entry.precision == "fp32" and entry.file == f"{name}.onnx" and "kept_float" in entry.extra
         else:
-            assert entry.precision == "int8" and r["int8_ms"] < r["fp32_ms"]
+            assert entry.precision == "int8" and r["int8_ms"] < 0.95 * r["fp32_ms"]
     Pipeline.open(tmp_path / "b").caption(np.zeros((64, 64, 3), np.uint8), max_new_tokens=2)
+
+
+def test_task_gate_reverts_int8_stages_upstream_first(tiny_bundle, tmp_path):
+    """An unreachable task gate reverts every INT8 stage, upstream first, and says why."""
+    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["merger", "detokenizer"], speed_gate=False,
+                           task_gate=4, task_gates={"fg_ari": -1.0})
+    gate = rep["task_gate"]
+    assert not gate["passed"] and [r["stage"] for r in gate["reverted"]] == ["merger", "detokenizer"]
+    m = M.load_manifest(tmp_path / "b")
+    for name in ("merger", "detokenizer"):
+        entry = m.stage(name)
+        assert entry.precision == "fp32" and entry.extra["kept_float"].startswith("task gate: fg_ari")
+    assert not list((tmp_path / "b").glob("*.int8.onnx"))
+
+
+def test_task_gate_passes_on_the_tiny_bundle(tiny_bundle, tmp_path):
+    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["projector"], speed_gate=False, task_gate=4)
+    gate = rep["task_gate"]
+    assert set(gate["fp32"]) == {"vqa_accuracy", "caption_exact", "fg_ari", "refseg_miou", "recon_psnr", "gen_psnr"}
+    entry = M.load_manifest(tmp_path / "b").stage("projector")
+    if gate["passed"] and not gate["reverted"]:
+        assert entry.precision == "int8" and gate["fp32"].keys() == gate["int8"].keys()
+    else:  # the gate caught a drop: the stage went back to fp32 and the manifest says which metric
+        assert entry.precision == "fp32" and entry.extra["kept_float"].startswith("task gate: ")
