@@ -53,6 +53,17 @@ class OrtBackend:
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
         self._inputs = {t.name: t for t in entry.inputs}
         self._outputs = {t.name: t for t in entry.outputs}
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """The manifest is the contract: a graph whose I/O differs from it is refused at open."""
+        from setok.manifest import BundleError
+
+        got_in = [i.name for i in self.session.get_inputs()]
+        got_out = [o.name for o in self.session.get_outputs()]
+        if sorted(got_in) != sorted(self._inputs) or sorted(got_out) != sorted(self._outputs):
+            raise BundleError(f"stage {self.entry.name} ({self.entry.file}): graph I/O {got_in} -> {got_out} does not "
+                              f"match the manifest's {list(self._inputs)} -> {list(self._outputs)}; re-export the bundle")
 
     def inputs(self) -> dict[str, TensorSpec]:
         return self._inputs

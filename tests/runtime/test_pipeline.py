@@ -175,3 +175,14 @@ def test_unknown_characters_and_long_prompts(pipe, scenes):
     assert isinstance(pipe.answer(vt, "ÿ 漢字 🙂 is there a red circle").text, str)  # unknown -> <unk>, no crash
     with pytest.raises(InputError, match="exceeds the context"):
         pipe.answer(vt, "red " * 400)
+
+
+def test_manifest_io_must_match_the_graph(tiny_bundle, tmp_path):
+    b = _copy(tiny_bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    merger = next(s for s in m["stages"] if s["name"] == "merger")
+    merger["outputs"][0]["name"] = "tokens_renamed"
+    (b / "manifest.json").write_text(json.dumps(m))
+    p = Pipeline.open(b)
+    with pytest.raises(BundleError, match="merger.*does not match the manifest"):
+        p.tokenize(np.zeros((64, 64, 3), np.uint8))
