@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from setok.errors import InputError
+from setok.runtime.pipeline import timed
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +64,19 @@ class TorchTarget:
 
         from setok.model.setokim import QUESTION_PROMPT
 
-        m, t = self.model, {}
-        with _timed(t, "preprocess"):
-            from setok.model.encoder import preprocess
+        from setok.model.encoder import preprocess
 
+        m, t = self.model, {}
+        with timed(t, "preprocess"):
             px = preprocess(torch.from_numpy(image[None]))
-        with _timed(t, "encoder"):
+        with timed(t, "encoder"):
             feats = m.vision.encoder(px)
-        with _timed(t, "cluster"):
+        with timed(t, "cluster"):
             c = m.vision.cluster(feats)
-        with _timed(t, "merger"):
+        with timed(t, "merger"):
             tokens = m.vision.merger(feats, c.assignment, c.num_tokens)
         k = int(c.num_tokens[0])
-        with _timed(t, "llm_prefill"):  # projector + prefill + decode, as Setokim.greedy runs them
+        with timed(t, "llm_prefill"):  # projector + prefill + decode, as Setokim.greedy runs them
             seq = m.image_prefix(tokens[0, :k]).add(m.encode_text(QUESTION_PROMPT.format(q=QUESTION)))
             ids = m.greedy([seq], max_new_tokens)[0]
         return t, len(ids), k
@@ -159,14 +160,3 @@ def plot(result: dict, png: Path) -> None:
         draw.rectangle([10, h + 20 * j, 24, h + 20 * j + 12], fill=color)
         draw.text((30, h + 20 * j), s, fill="black")
     img.save(png)
-
-
-class _timed:
-    def __init__(self, t: dict[str, float], key: str):
-        self.t, self.key = t, key
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.t[self.key] = self.t.get(self.key, 0.0) + time.perf_counter() - self.start

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import time
 from pathlib import Path
@@ -110,19 +112,9 @@ def pixel_features(px: torch.Tensor, cfg) -> torch.Tensor:
 @torch.no_grad()
 def pixel_dpc_fg_ari(items: list[TrainItem], cfg) -> float:
     """The same clustering on raw pixels, with its tau chosen on training scenes the same way."""
-    from setok.tau import calibrate_tau
-
-    class _PixelEncoder(torch.nn.Module):  # calibrate_tau expects `.encoder(pixel_values)`
-        def forward(self, px):
-            return pixel_features(px, cfg)
-
-    holder = torch.nn.Module()
-    holder.encoder = _PixelEncoder()
-    train = SceneStream(cfg.encoder.image_size, 0).batch(10**6, 64)
-    ccfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster))
-    ccfg.cluster.tau = calibrate_tau(holder, train, ccfg)
+    ccfg = dataclasses.replace(cfg.cluster, tau=_pixel_tau(json.dumps(cfg.to_dict(), sort_keys=True)))
     px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
-    clusters = dpc_knn(pixel_features(px, cfg), ccfg.cluster)
+    clusters = dpc_knn(pixel_features(px, cfg), ccfg)
     labels = patch_labels(torch.from_numpy(np.stack([it.instance_mask for it in items])), cfg.encoder.patch_size)
     return float(np.mean([fg_ari(a, l) for a, l in zip(clusters.assignment.numpy(), labels.numpy())]))
 
@@ -166,3 +158,20 @@ def evaluate_item(pipe, it: TrainItem, cfg) -> dict[str, list[float]]:
         "vqa_accuracy": [float(pipe.answer(vt, q).text == a) for q, a in it.qa],
         "refseg_miou": [iou(pipe.segment(vt, e).mask, m) for e, m in it.referring],
     }
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_tau(cfg_json: str) -> float:
+    """tau for the pixel baseline: depends only on the config, so one calibration per process."""
+    from setok.config import SetokimConfig
+    from setok.tau import calibrate_tau
+
+    cfg = SetokimConfig.from_dict(json.loads(cfg_json))
+
+    class _PixelEncoder(torch.nn.Module):  # calibrate_tau expects `.encoder(pixel_values)`
+        def forward(self, px):
+            return pixel_features(px, cfg)
+
+    holder = torch.nn.Module()
+    holder.encoder = _PixelEncoder()
+    return calibrate_tau(holder, SceneStream(cfg.encoder.image_size, 0).batch(10**6, 64), cfg)

@@ -109,7 +109,9 @@ def _llm(model, pipe, vision: torch.Tensor, rows: dict) -> None:
     rows["regress_head"].append(compare(M.VISION_TOKENS, model.regress(slots).numpy(),
                                         pipe.stage("regress_head").run(_feeds(hidden=slots))[M.VISION_TOKENS]))
     q, kh = h[-1:], h[2:2 + vision.shape[0]][None]
-    ref = (model.seg_key(kh) @ model.seg_query(q).unsqueeze(-1)).squeeze(-1) / h.shape[-1] ** 0.5
+    from setok.export.stages import SegHead
+
+    ref = SegHead(model)(q, kh)
     rows["seg_head"].append(compare(M.SEG_LOGITS, ref.numpy(), pipe.stage("seg_head").run(_feeds(query_hidden=q, token_hidden=kh))[M.SEG_LOGITS]))
 
 

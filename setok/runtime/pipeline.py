@@ -122,17 +122,17 @@ class Pipeline:
     def tokenize(self, image: Any, cluster_stage: str = "cluster") -> Tokens:
         """Image -> exactly num_tokens vision tokens and the pixel mask each one owns."""
         t: dict[str, float] = {}
-        with _timed(t, "preprocess"):
+        with timed(t, "preprocess"):
             rgb = to_rgb_array(image, self.size)
             px = normalize(rgb[None], self.manifest.preprocessing["mean"], self.manifest.preprocessing["std"])
         return self._tokenize_pixels(px, t, cluster_stage)
 
     def _tokenize_pixels(self, px: np.ndarray, t: dict[str, float], cluster_stage: str = "cluster") -> Tokens:
-        with _timed(t, "encoder"):
+        with timed(t, "encoder"):
             feats = self.stage("encoder").run({M.PIXEL_VALUES: px})[M.PATCH_FEATURES]
-        with _timed(t, "cluster"):
+        with timed(t, "cluster"):
             c = self.stage(cluster_stage).run({M.PATCH_FEATURES: feats})
-        with _timed(t, "merger"):
+        with timed(t, "merger"):
             tokens = self.stage("merger").run({M.PATCH_FEATURES: feats, M.ASSIGNMENT: c[M.ASSIGNMENT],
                                                M.NUM_TOKENS: c[M.NUM_TOKENS]})[M.VISION_TOKENS]
         k = int(c[M.NUM_TOKENS][0])
@@ -150,7 +150,7 @@ class Pipeline:
     def _image_prefix(self, vt: Tokens, prompt: str) -> tuple[np.ndarray, int]:
         """Embeddings of <bos> <im_start> V.. <im_end> prompt: exactly num_tokens vision slots."""
         t = vt.timings
-        with _timed(t, "projector"):
+        with timed(t, "projector"):
             vision = self.stage("projector").run({M.VISION_TOKENS: vt.tokens.astype(np.float32)})[M.EMBEDS]
         head = self.embeddings[[self.ids["<bos>"], self.ids["<im_start>"]]]
         tail = self.embeddings[[self.ids["<im_end>"]] + self._encode(prompt)]
@@ -190,10 +190,10 @@ class Pipeline:
         vt = self._as_tokens(image)
         embeds, first = self._image_prefix(vt, self.prompts["refer"].format(e=expression))
         t = vt.timings
-        with _timed(t, "llm_prefill"):
+        with timed(t, "llm_prefill"):
             out = self._llm(embeds, None, 0)
         hidden = out["hidden_states"]  # (1, L, H)
-        with _timed(t, "seg_head"):
+        with timed(t, "seg_head"):
             logits = self.stage("seg_head").run({M.QUERY_HIDDEN: hidden[:, -1],
                                                  M.TOKEN_HIDDEN: hidden[:, first:first + vt.num_tokens]})[M.SEG_LOGITS]
         selected = logits[0] > 0
@@ -210,10 +210,10 @@ class Pipeline:
         slots = slots[: self.max_tokens]
         tokens = np.zeros((1, self.max_tokens, self.embeddings_dim_tokens()), np.float32)
         if slots:
-            with _timed(t, "regress_head"):
+            with timed(t, "regress_head"):
                 tokens[0, : len(slots)] = self.stage("regress_head").run({M.HIDDEN: np.stack(slots).astype(np.float32)})[M.VISION_TOKENS]
         count = max(len(slots), 1)
-        with _timed(t, "detokenizer"):
+        with timed(t, "detokenizer"):
             img = self.stage("detokenizer").run({M.VISION_TOKENS: tokens, M.NUM_TOKENS: np.array([count], np.int64)})[M.IMAGE]
         return Image(to_uint8(img[0], self.manifest.preprocessing), count, t)
 
@@ -257,14 +257,14 @@ class Pipeline:
         if embeds.shape[1] + max_new_tokens > limit:
             raise InputError(f"prompt of {embeds.shape[1]} tokens + {max_new_tokens} new exceeds the context of {limit}")
         rng = np.random.default_rng(seed)
-        with _timed(t, "llm_prefill"):
+        with timed(t, "llm_prefill"):
             out = self._llm(embeds, None, 0)
         length = embeds.shape[1]
         for _ in range(max_new_tokens):
             tok = _pick(out["logits"][0, -1], temperature, top_k, rng)
             if tok == self.ids["<eos>"]:
                 return
-            with _timed(t, "llm_decode"):
+            with timed(t, "llm_decode"):
                 past = {k.replace("present", "past_key_values"): v for k, v in out.items() if k.startswith("present.")}
                 out = self._llm(self.embeddings[[tok]][None].astype(np.float32), past, length)
             length += 1
@@ -324,7 +324,8 @@ def _load_tokenizer(path: Path):
 
 
 @contextmanager
-def _timed(t: dict[str, float], key: str):
+def timed(t: dict[str, float], key: str):
+    """Add the block's wall time (seconds) to t[key]."""
     start = time.perf_counter()
     try:
         yield
