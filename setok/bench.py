@@ -29,13 +29,13 @@ QUESTION = "how many objects are there"
 class RuntimeTarget:
     """A bundle (ONNX Runtime) or engines (TensorRT) through the torch-free runtime."""
 
-    def __init__(self, path: Path, backend: str):
+    def __init__(self, path: Path, backend: str, threads: int | None = None):
         from setok.runtime import Pipeline
 
         start = time.perf_counter()
         # No spinning ORT threads: they would steal the cores from the next target in the
         # interleaved loop (PyTorch measured 10x slower beside spinning ORT sessions).
-        self.pipe = Pipeline.open(path, backend=backend, spin=False)
+        self.pipe = Pipeline.open(path, backend=backend, spin=False, threads=threads)
         self.open_seconds = time.perf_counter() - start
         self.name = f"{backend}:{path}"
 
@@ -43,6 +43,9 @@ class RuntimeTarget:
         vt = self.pipe.tokenize(image)
         text = self.pipe.answer(vt, QUESTION, max_new_tokens=max_new_tokens)  # timings include vt's
         return text.timings, len(text.token_ids), vt.num_tokens
+
+    def run_batch(self, images: list[np.ndarray], max_new_tokens: int) -> None:
+        self.pipe.answer_batch(self.pipe.tokenize_batch(images), [QUESTION] * len(images), max_new_tokens)
 
 
 class TorchTarget:
@@ -81,8 +84,20 @@ class TorchTarget:
             ids = m.greedy([seq], max_new_tokens)[0]
         return t, len(ids), k
 
+    def run_batch(self, images: list[np.ndarray], max_new_tokens: int) -> None:
+        import torch
 
-def open_target(path: str | Path, backend: str | None):
+        from setok.model.encoder import preprocess
+        from setok.model.setokim import QUESTION_PROMPT
+
+        m = self.model
+        vt = m.vision(preprocess(torch.from_numpy(np.stack(images))))
+        prompt = m.encode_text(QUESTION_PROMPT.format(q=QUESTION))
+        seqs = [m.image_prefix(vt.tokens[i, : int(k)]).add(prompt) for i, k in enumerate(vt.clusters.num_tokens)]
+        m.greedy(seqs, max_new_tokens)
+
+
+def open_target(path: str | Path, backend: str | None, threads: int | None = None):
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such checkpoint or bundle")
@@ -90,31 +105,55 @@ def open_target(path: str | Path, backend: str | None):
     backend = backend or next((b for b, f in kinds.items() if (path / f).is_file()), "pytorch")
     if not (path / kinds[backend]).is_file():
         raise InputError(f"{path}: backend {backend!r} needs a directory with {kinds[backend]}")
-    return TorchTarget(path) if backend == "pytorch" else RuntimeTarget(path, backend)
+    return TorchTarget(path) if backend == "pytorch" else RuntimeTarget(path, backend, threads)
 
 
 def bench(targets: list[str | Path], backend: str | None = None, n: int = 50, warmup: int = 5,
-          max_new_tokens: int = 8) -> dict[str, Any]:
+          max_new_tokens: int = 8, batch: int = 4, threads: int | None = None) -> dict[str, Any]:
     from setok.data.items import eval_items
 
-    if n < 1 or warmup < 0:
-        raise InputError(f"--n {n} / --warmup {warmup}: expected n >= 1 and warmup >= 0")
-    opened = [open_target(t, backend if len(targets) == 1 else None) for t in targets]
+    if n < 1 or warmup < 0 or batch < 0:
+        raise InputError(f"--n {n} / --warmup {warmup} / --batch {batch}: expected n >= 1, warmup >= 0, batch >= 0")
+    opened = [open_target(t, backend if len(targets) == 1 else None, threads) for t in targets]
     images = [it.image for it in eval_items(n + warmup, seed=31)]
     rows: list[list[dict]] = [[] for _ in opened]
-    for i, image in enumerate(images):
+    from tqdm.auto import tqdm
+
+    for i, image in enumerate(tqdm(images, desc="bench", unit="image", dynamic_ncols=True)):
         for j, target in enumerate(opened):  # interleaved: A B A B ...
             start = time.perf_counter()
             timings, generated, tokens = target.run(image, max_new_tokens)
             e2e = time.perf_counter() - start
             if i >= warmup:
                 rows[j].append({"timings": timings, "e2e": e2e, "generated": generated, "tokens": tokens})
-    result = {"machine": machine(), "n": n, "warmup": warmup, "max_new_tokens": max_new_tokens,
-              "targets": [summarize(t, r) for t, r in zip(opened, rows)],
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result = {"machine": machine(), "n": n, "warmup": warmup, "max_new_tokens": max_new_tokens, "batch": batch,
+              "threads": threads, "targets": [summarize(t, r) for t, r in zip(opened, rows)]}
     base = np.array([r["e2e"] for r in rows[0]])
     result["e2e_ratio"] = [float(np.median(np.array([r["e2e"] for r in rows[j]]) / base)) for j in range(1, len(rows))]
+    prefill = [np.array([r["timings"].get("llm_prefill", 0.0) for r in rs]) for rs in rows]
+    # How much faster the first target's prefill is than each other's (SeTok vs the patch baseline).
+    result["prefill_speedup"] = [float(np.median(prefill[j] / np.maximum(prefill[0], 1e-9))) for j in range(1, len(rows))]
+    if batch > 1:
+        _bench_batches(opened, images, batch, warmup, max_new_tokens, result)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def _bench_batches(opened, images, batch: int, warmup: int, max_new_tokens: int, result: dict) -> None:
+    """End to end for `batch` images at once (one batched vision run, one batched LLM run)."""
+    groups = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
+    skip = min(max(1, warmup // batch), len(groups) - 1)
+    times: list[list[float]] = [[] for _ in opened]
+    for g, group in enumerate(groups):
+        for j, target in enumerate(opened):
+            start = time.perf_counter()
+            target.run_batch(group, max_new_tokens)
+            if g >= skip:
+                times[j].append(time.perf_counter() - start)
+    for target, ts in zip(result["targets"], times):
+        ms = np.array(ts) * 1000
+        target["batch"] = {"size": batch, "runs": len(ts), "e2e_median_ms": float(np.median(ms)),
+                           "e2e_p90_ms": float(np.percentile(ms, 90)), "per_image_ms": float(np.median(ms) / batch)}
 
 
 def summarize(target, rows: list[dict]) -> dict[str, Any]:
@@ -124,10 +163,15 @@ def summarize(target, rows: list[dict]) -> dict[str, Any]:
         stages[stage] = {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90))}
     e2e = np.array([r["e2e"] for r in rows]) * 1000
     decode_ms = np.array([r["timings"].get("llm_decode", 0.0) * 1000 / max(r["generated"], 1) for r in rows])
+    # Image in -> first token out: every stage up to and including the prefill.
+    first = [s for s in STAGES if s not in ("llm_decode", "detokenizer")]
+    ttft = np.array([sum(r["timings"].get(s, 0.0) for s in first) for r in rows]) * 1000
     return {
         "name": target.name, "open_seconds": target.open_seconds, "stages": stages,
         "e2e_median_ms": float(np.median(e2e)), "e2e_p90_ms": float(np.percentile(e2e, 90)),
         "decode_ms_per_token": float(np.median(decode_ms)),
+        "decode_tokens_per_s": float(1000 / np.median(decode_ms)) if np.median(decode_ms) > 0 else None,
+        "ttft_ms": float(np.median(ttft)),
         "tokens_per_image": float(np.mean([r["tokens"] for r in rows])),
     }
 

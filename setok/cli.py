@@ -164,7 +164,8 @@ def parity(ckpt: Path, bundle: Path, images: Path | None, n: int, precision: str
 @click.option("--n", type=int, default=256, show_default=True, help="Calibration images (at least 8).")
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
 @click.option("--stages", default=None, help="Comma-separated stages to quantize (default: every stage where INT8 applies).")
-@click.option("--quantizer", type=click.Choice(["onnxruntime", "modelopt"]), default="onnxruntime", show_default=True)
+@click.option("--quantizer", type=click.Choice(["onnxruntime", "modelopt", "dynamic"]), default="onnxruntime", show_default=True,
+              help="onnxruntime / modelopt: calibrated explicit Q/DQ (TensorRT and ORT); dynamic: ONNX Runtime CPU INT8.")
 @click.option("--auto-exclude", is_flag=True, help="Keep the most sensitive layers in float until the gates hold.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--keep-slow-int8", is_flag=True, help="Keep INT8 stages even where they are not faster than fp32 here.")
@@ -214,18 +215,21 @@ def lint(bundle: Path, target: str, trt_version: str, as_json: bool) -> None:
 @click.option("--n", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--batch", type=click.IntRange(0), default=4, show_default=True,
+              help="Also time BATCH images answered at once (0 or 1: skip).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads (default: the runtime's).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="Stacked per-stage latency PNG.")
 @user_errors
 def bench_(targets: tuple[Path, ...], compare: bool, backend: str | None, n: int, warmup: int, max_new_tokens: int,
-           json_out: Path | None, plot_out: Path | None) -> None:
+           batch: int, threads: int | None, json_out: Path | None, plot_out: Path | None) -> None:
     """Per-stage latency (median, p90), time per decoded token, end-to-end image -> answer."""
     from setok.bench import bench, plot
     from setok.io import write_json
 
     if not targets or (len(targets) > 1 and not compare):
         raise SetokError(f"got {len(targets)} target(s); expected one, or several with --compare")
-    result = bench(list(targets), backend, n, warmup, max_new_tokens)
+    result = bench(list(targets), backend, n, warmup, max_new_tokens, batch, threads)
     if json_out:
         write_json(json_out, result)
     if plot_out:

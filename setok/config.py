@@ -50,6 +50,10 @@ class MergerConfig:
     inter_depth: int = 1
     heads: int = 4
     token_dim: int = 128  # D, the width of a vision token
+    # Add each patch's offset from its cluster's centroid (Fourier features) before the inner
+    # transformer: the masked mean then carries a translation-invariant shape signature. Without
+    # it a linear probe recovers an object's shape from its token at 0.44 (5 shapes).
+    shape_code: bool = False
 
 
 @dataclass
@@ -137,6 +141,7 @@ def preset(name: str, tokenizer: str = "setok") -> SetokimConfig:
         cfg = SetokimConfig()
     else:
         raise InputError(f"unknown preset {name!r}; expected 'tiny' or 'small'")
+    cfg.merger.shape_code = True
     if tokenizer not in ("setok", "patch", "topk"):
         raise InputError(f"unknown tokenizer {tokenizer!r}; expected 'setok', 'patch' or 'topk'")
     cfg.tokenizer = tokenizer

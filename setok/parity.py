@@ -18,6 +18,7 @@ from setok import manifest as M
 from setok.errors import InputError
 from setok.eval.metrics import iou, psnr
 from setok.export.validate import compare
+from setok.runtime.decode import empty_past
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _llm(model, pipe, vision: torch.Tensor, rows: dict) -> None:
     batch = model.collate([seq])
     logits, hidden = model.hidden(batch)
     feeds = {"inputs_embeds": batch.embeds.numpy(), "attention_mask": batch.attention_mask.numpy(),
-             "position_ids": batch.position_ids.numpy(), **pipe._empty_past()}
+             "position_ids": batch.position_ids.numpy(), **empty_past(pipe.manifest.stage("llm"))}
     out = pipe.stage("llm").run(feeds)
     rows["llm"].append(compare("logits", logits.numpy(), out["logits"]))
     rows["llm"].append(compare("hidden_states", hidden.numpy(), out["hidden_states"]))

@@ -10,13 +10,19 @@ from PIL import Image
 def test_bench_compare_schema(tiny_ckpt, tiny_bundle, tmp_path):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     proc = subprocess.run([sys.executable, "-m", "setok.cli", "bench", str(tiny_ckpt), str(tiny_bundle), "--compare",
-                           "--n", "3", "--warmup", "1", "--json", str(out), "--plot", str(png)], capture_output=True, text=True)
+                           "--n", "4", "--warmup", "1", "--batch", "2", "--json", str(out), "--plot", str(png)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
-    assert {"machine", "n", "warmup", "targets", "e2e_ratio", "peak_rss_mb"} <= set(r)
+    assert {"machine", "n", "warmup", "targets", "e2e_ratio", "prefill_speedup", "batch", "peak_rss_mb"} <= set(r)
     assert len(r["targets"]) == 2 and len(r["e2e_ratio"]) == 1 and r["e2e_ratio"][0] > 0
+    assert len(r["prefill_speedup"]) == 1 and r["prefill_speedup"][0] > 0
     for t in r["targets"]:
-        assert {"name", "open_seconds", "stages", "e2e_median_ms", "e2e_p90_ms", "decode_ms_per_token", "tokens_per_image"} <= set(t)
+        assert {"name", "open_seconds", "stages", "e2e_median_ms", "e2e_p90_ms", "decode_ms_per_token", "tokens_per_image",
+                "ttft_ms", "decode_tokens_per_s", "batch"} <= set(t)
+        assert t["ttft_ms"] <= t["e2e_median_ms"] * 1.5
+        b = t["batch"]
+        assert b["size"] == 2 and b["runs"] >= 1 and b["e2e_p90_ms"] >= b["e2e_median_ms"] > 0
+        assert abs(b["per_image_ms"] * 2 - b["e2e_median_ms"]) < 1e-6
         assert {"encoder", "cluster", "merger", "llm_prefill"} <= set(t["stages"])
         assert all(v["p90_ms"] >= v["median_ms"] >= 0 for v in t["stages"].values())
     assert r["targets"][0]["tokens_per_image"] == r["targets"][1]["tokens_per_image"], "same clustering both sides"

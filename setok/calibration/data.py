@@ -17,6 +17,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from setok import manifest as M
+from setok.runtime.decode import empty_past
 from setok.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def _llm_run(pipe, embeds: np.ndarray, feeds: dict) -> np.ndarray:
     """Prefill with an empty past, as Pipeline._llm does; records the feed, returns hidden states."""
     length = embeds.shape[1]
     feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, length), np.int64),
-            "position_ids": np.arange(length, dtype=np.int64)[None], **pipe._empty_past()}
+            "position_ids": np.arange(length, dtype=np.int64)[None], **empty_past(pipe.manifest.stage("llm"))}
     _add(feeds, "llm", feed)
     return pipe.stage("llm").run(feed)["hidden_states"]
 

@@ -6,6 +6,12 @@ and the same graph is meant to run on ORT (CPU) and TensorRT; the TensorRT calib
 amax-based (symmetric) as well, so both artifacts describe the same quantizer. Only
 MatMul / Gemm / Conv are quantized: LayerNorm, Softmax and residual Adds stay float.
 The cluster stages (integer-heavy DPC-KNN, exact ties) are copied as they are.
+
+`quantizer="dynamic"` is the CPU form instead: ONNX Runtime dynamic quantization (int8
+per-channel weights; activations quantized at run time from each tensor's own range, so no
+calibrated ranges and no activation Q/DQ). On this machine it is the INT8 that is faster than
+fp32 (the static Q/DQ graph is not, see README); TensorRT does not take it (`setok build` builds
+such stages from the fp32 graph's Q/DQ-free source only if you pass the fp32 bundle).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ log = logging.getLogger(__name__)
 QUANTIZABLE = ("encoder", "merger", "projector", "llm", "regress_head", "seg_head", "detokenizer")
 FLOAT_ONLY = ("cluster", "cluster_plugin")
 OP_TYPES = ["MatMul", "Gemm", "Conv"]
-QUANTIZERS = ("onnxruntime", "modelopt")
+QUANTIZERS = ("onnxruntime", "modelopt", "dynamic")
+DYNAMIC_OPS = ["MatMul", "Gemm"]
 GATE = (0.99, 0.02)  # auto-exclude target: output cosine >= 0.99, |norm ratio - 1| <= 0.02
 MAX_EXCLUDE_FRAC = 0.25
 SPEED_MARGIN = 0.95  # INT8 must take at most 95% of the fp32 time to be kept
@@ -140,6 +147,8 @@ def _check_stages(stages: list[str] | None, manifest: M.Manifest) -> list[str]:
 
 def _stage(name, src, root, work, feeds, held, method, quantizer, auto_exclude, gate) -> tuple[dict, dict]:
     model, note = prepare(src, work / f"{name}.pre.onnx", feeds)
+    if quantizer == "dynamic":
+        return _stage_dynamic(name, model, root, held, note)
     ranges, unranged = R.stage_ranges(model, feeds, method, OP_TYPES)
     files = R.write_range_files(root, name, ranges)
     cache = R.save_cache(ranges, method, work / f"{name}.ranges.cache.json")
@@ -153,6 +162,22 @@ def _stage(name, src, root, work, feeds, held, method, quantizer, auto_exclude, 
            "preprocessed": note is None, "unranged": unranged, **({"preprocess_skipped": note} if note else {})}
     log.info("%s: %s, cosine %.5f, norm ratio %.4f, excluded %d", name, rep["quantized_ops"], cos, ratio, len(excluded))
     return rep, files
+
+
+def _stage_dynamic(name: str, model: Path, root: Path, held: list[dict], note: str | None) -> tuple[dict, dict]:
+    """Dynamic quantization: weights now, activations per run; nothing to calibrate or exclude."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst = root / f"{name}.int8.onnx"
+    quantize_dynamic(str(model), str(dst), op_types_to_quantize=DYNAMIC_OPS, per_channel=True,
+                     weight_type=QuantType.QInt8)
+    cos, ratio = output_agreement(model, dst, held)
+    ops = Counter(n.op_type for n in onnx.load(str(dst)).graph.node)
+    rep = {"quantized_ops": {k: ops[k] for k in ("MatMulInteger", "DynamicQuantizeMatMul") if ops[k]},
+           "excluded": [], "cosine": cos, "norm_ratio": ratio, "preprocessed": note is None, "unranged": [],
+           "activation_ranges": "per run (dynamic)", **({"preprocess_skipped": note} if note else {})}
+    log.info("%s: dynamic %s, cosine %.5f, norm ratio %.4f", name, rep["quantized_ops"], cos, ratio)
+    return rep, {}
 
 
 def prepare(src: Path, dst: Path, feeds: list[dict]) -> tuple[Path, str | None]:

@@ -71,6 +71,14 @@ class StagePlan:
     note: str = ""
 
 
+def refuse_cpu_only(manifest: M.Manifest) -> None:
+    """Dynamically quantized stages (MatMulInteger) are an ONNX Runtime CPU form TensorRT cannot parse."""
+    cpu = [s.name for s in manifest.stages if s.extra.get("quantizer") == "dynamic"]
+    if cpu:
+        raise InputError(f"stage(s) {cpu} are dynamically quantized (ONNX Runtime CPU INT8, MatMulInteger); TensorRT "
+                         "cannot build them: build from the fp32 bundle or one from `setok calibrate --quantizer onnxruntime`")
+
+
 def plan_stage(stage: str, graph_precision: str, requested: str, trt_major: int,
                calib_cache: Path | None = None) -> StagePlan:
     strong = trt_major >= 11  # TensorRT 11 networks are always strongly typed (the flag is accepted, ignored)
@@ -148,11 +156,12 @@ def build_engines(bundle: Path, out: Path, precision: str = "fp32", max_batch: i
     """Build every stage of `bundle` (or only `stages`) into `out`, atomically: the old directory
     survives a failure."""
     check_args(precision, max_batch, cluster_form)
+    bundle, out = Path(bundle), Path(out)
+    manifest = M.load_manifest(bundle)
+    refuse_cpu_only(manifest)
     trt = tensorrt()
     from setok.runtime.trt import device_info
 
-    bundle, out = Path(bundle), Path(out)
-    manifest = M.load_manifest(bundle)
     limits = Limits.from_manifest(manifest, max_batch)
     trt_major = parse_version(trt.__version__)[0]
     form = choose_cluster_form(cluster_form, any(s.name == "cluster_plugin" for s in manifest.stages),

@@ -176,3 +176,47 @@ def max_dims(profiles: Sequence[Profile], specs: Sequence[TensorSpec]) -> dict[s
                     if isinstance(d, str):
                         out[d] = max(out.get(d, 0), v)
     return out
+
+
+def last_row_offset(rows: int, row_bytes: int) -> int:
+    """Byte offset of the last of `rows` rows (batch 1): where the newest position's logits start."""
+    if rows < 1:
+        raise ValueError(f"rows={rows}; expected at least one")
+    return (rows - 1) * row_bytes
+
+
+@dataclass(frozen=True)
+class KvPlan:
+    """Device-resident KV cache layout for an llm engine: which inputs are the cache, the output
+    each one is fed from, and the bytes one buffer needs for the longest cache the profiles allow."""
+
+    past: tuple[str, ...]  # past_key_values.{i}.{key,value}
+    heads: int
+    head_dim: int
+    max_length: int  # total positions (past + new) the decode profile allows
+    itemsize: int = 4
+
+    @classmethod
+    def from_entry(cls, entry) -> KvPlan:
+        past = [s for s in entry.inputs if s.name.startswith("past_key_values.")]
+        if not past:
+            raise InputError(f"stage {entry.stage}: no past_key_values inputs; not an llm engine with a KV cache")
+        shapes = {(s.shape[1], s.shape[3]) for s in past}
+        if len(shapes) != 1 or not all(isinstance(d, int) for d in next(iter(shapes))):
+            raise InputError(f"stage {entry.stage}: KV inputs need one fixed (heads, head_dim); got {sorted(map(str, shapes))}")
+        heads, head_dim = next(iter(shapes))
+        total = max_dims(entry.profiles, entry.inputs).get("total_sequence")
+        if not total:
+            raise InputError(f"stage {entry.stage}: its profiles give no total_sequence range")
+        return cls(tuple(s.name for s in past), heads, head_dim, total, np.dtype(past[0].dtype).itemsize)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.heads * self.max_length * self.head_dim * self.itemsize
+
+    def past_shape(self, length: int) -> Dims:
+        return (1, self.heads, length, self.head_dim)
+
+    @staticmethod
+    def present_of(past_name: str) -> str:
+        return "present." + past_name[len("past_key_values."):]

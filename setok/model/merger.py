@@ -27,6 +27,16 @@ def patch_coords(grid: int) -> Tensor:
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
 
 
+def offset_code(offset: Tensor) -> Tensor:
+    """(B, N, 2) offsets in image units -> (B, N, 40) sin/cos at 5 frequencies along 4 directions
+    (x, y and both diagonals: a diamond differs from a square only along the diagonals)."""
+    dx, dy = offset[..., 0], offset[..., 1]
+    dirs = torch.stack([dx, dy, (dx + dy) * 0.7071, (dx - dy) * 0.7071], -1)  # (B, N, 4)
+    freqs = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], device=offset.device) * torch.pi
+    phase = (dirs.unsqueeze(-1) * freqs).flatten(-2)  # (B, N, 4, 5) -> (B, N, 20)
+    return torch.cat([phase.sin(), phase.cos()], -1)  # (B, N, 40)
+
+
 def token_mask(num_tokens: Tensor, max_tokens: int) -> Tensor:
     """(B,) counts -> (B, T) True for real tokens."""
     return torch.arange(max_tokens, device=num_tokens.device).unsqueeze(0) < num_tokens.unsqueeze(1)
@@ -45,21 +55,25 @@ class Merger(nn.Module):
         self.inter = nn.ModuleList(Block(width, cfg.heads) for _ in range(cfg.inter_depth))
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, cfg.token_dim - 2)
+        self.shape = nn.Linear(40, width) if cfg.shape_code else None
         init_weights(self)
 
     def forward(self, patch_features: Tensor, assignment: Tensor, num_tokens: Tensor) -> Tensor:
         """(B, N, C), (B, N), (B,) -> vision tokens (B, T, D); rows >= num_tokens are zero."""
         same = assignment.unsqueeze(2) == assignment.unsqueeze(1)  # (B, N, N) block-diagonal
-        x = patch_features
-        for blk in self.inner:
-            x = blk(x, mask=same)
         member = cluster_onehot(assignment, self.max_tokens)  # (B, N, T)
         counts = member.sum(1).clamp_min(1.0).unsqueeze(-1)  # (B, T, 1)
+        where = member.transpose(1, 2) @ self.coords / counts  # (B, T, N) @ (N, 2) -> (B, T, 2)
+        x = patch_features
+        if self.shape is not None:
+            centre = member @ where  # (B, N, T) @ (B, T, 2) -> (B, N, 2): each patch's centroid
+            x = x + self.shape(offset_code(self.coords - centre))
+        for blk in self.inner:
+            x = blk(x, mask=same)
         tokens = member.transpose(1, 2) @ x / counts  # (B, T, N) @ (B, N, C) -> (B, T, C)
         valid = token_mask(num_tokens, self.max_tokens)  # (B, T)
         keys = valid.unsqueeze(1)  # (B, 1, T): every token attends to real tokens only
         for blk in self.inter:
             tokens = blk(tokens, mask=keys)
-        where = member.transpose(1, 2) @ self.coords / counts  # (B, T, N) @ (N, 2) -> (B, T, 2)
         out = torch.cat([where, self.proj(self.norm(tokens))], -1)  # (B, T, D)
         return out * valid.unsqueeze(-1).to(out.dtype)

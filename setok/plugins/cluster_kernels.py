@@ -202,6 +202,13 @@ if triton is not None:
     # ------------------------------------------------------------------ fused kernel, grid (B,)
 
     @triton.jit
+    def _invalid(assign_row, n, centers_row, max_tokens, BLOCK_T: tl.constexpr):
+        slots = tl.arange(0, BLOCK_T)
+        for s0 in range(0, n, BLOCK_T):
+            tl.store(assign_row + s0 + slots, tl.full([BLOCK_T], -1, tl.int64), mask=s0 + slots < n)
+        tl.store(centers_row + slots, tl.full([BLOCK_T], -1, tl.int64), mask=slots < max_tokens)
+
+    @triton.jit
     def dpc_knn_fused_kernel(
         x_ptr, n, c, k, tau_bits, min_tokens, max_tokens, assign_ptr, num_ptr, centers_ptr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -215,6 +222,13 @@ if triton is not None:
         tau = tau_bits.to(tl.float32, bitcast=True)
         k_eff = tl.minimum(k, n)
         b = tl.program_id(0)
+        if n > BLOCK_N:
+            # An AOT engine embeds this kernel compiled for one BLOCK_N; a longer row cannot be
+            # held. Say so in the outputs (-1 everywhere, no real clustering has num_tokens < 1)
+            # instead of silently clustering the first BLOCK_N patches; the runtime checks it.
+            _invalid(assign_ptr + b * n, n, centers_ptr + b * max_tokens, max_tokens, BLOCK_T)
+            tl.store(num_ptr + b, -1)
+            return
         offs = tl.arange(0, BLOCK_N)
         valid = offs < n
         xb = x_ptr + b.to(tl.int64) * n * c

@@ -121,13 +121,17 @@ def _device_cc() -> int:
 def aot_kernel(trtp: ModuleType, x: Any, k: int, tau: float, min_tokens: int, max_tokens: int) -> tuple:
     """(kernel name, PTX, launch params, extra args) of the fused kernel for this build's GPU.
 
-    BLOCK_N is fixed at build time: N's constant value when the profile pins it, else
-    MAX_PATCHES; larger N at runtime is not supported by the embedded kernel.
+    BLOCK_N is fixed at build time: N's constant value when the profile pins it (setok's
+    profiles do), else MAX_PATCHES. A longer row at run time gets -1 in every output (the
+    kernel's guard) and the runtime refuses it; it is never silently clustered in part.
     """
     from setok.plugins import cluster_kernels as ck
     from setok.plugins.compile import aot_ptx, compile_one, signature
 
     max_n = _const_or(x.shape_expr[1], MAX_PATCHES)
+    if not getattr(x.shape_expr[1], "is_constant", False):
+        log.warning("%s AOT: N is not a build-time constant; the embedded kernel holds at most %d patches",
+                    PLUGIN_ID, max_n)
     compiled = compile_one(ck.FUSED_KERNEL, _device_cc(), max_n, max_tokens)
     n_args = sum(t != "constexpr" for t in signature(ck.kernel(ck.FUSED_KERNEL)).values())
 

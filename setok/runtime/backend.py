@@ -76,5 +76,11 @@ class OrtBackend:
         names = list(self._outputs)
         return dict(zip(names, self.session.run(names, feeds)))
 
+    def decoder(self):
+        """A KV-cache decoder over this session (the llm stage only): I/O binding, cache kept in ORT."""
+        from setok.runtime.decode import OrtDecoder
+
+        return OrtDecoder(self.session, self.entry)
+
     def close(self) -> None:
         self.session = None

@@ -18,6 +18,7 @@ import numpy as np
 from setok import manifest as M
 from setok.errors import InputError
 from setok.runtime.backend import OrtBackend
+from setok.runtime.decode import Decoder, HostDecoder, empty_past, position_feeds
 from setok.runtime.preprocess import normalize, to_rgb_array
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class Pipeline:
         self.max_tokens = manifest.stage("detokenizer").inputs[0].shape[1]
         self.ids = manifest.text["special_ids"]
         self.prompts = manifest.text["prompts"]
-        self.embeddings = np.load(M.inside(bundle, manifest.files["embeddings"]["file"]))
+        self.embeddings = np.load(M.inside(bundle, manifest.files["embeddings"]["file"])).astype(np.float32)
         self.tokenizer = _load_tokenizer(M.inside(bundle, manifest.files["tokenizer"]["file"]))
 
     @classmethod
@@ -127,7 +128,21 @@ class Pipeline:
             px = normalize(rgb[None], self.manifest.preprocessing["mean"], self.manifest.preprocessing["std"])
         return self._tokenize_pixels(px, t, cluster_stage)
 
+    def tokenize_batch(self, images: list) -> list[Tokens]:
+        """Several images through the vision stages in one batched run each (one Tokens per image;
+        each carries the batch's stage timings)."""
+        if not images:
+            raise InputError("tokenize_batch: got no images; expected at least one")
+        t: dict[str, float] = {}
+        with timed(t, "preprocess"):
+            rgb = np.stack([to_rgb_array(im, self.size) for im in images])
+            px = normalize(rgb, self.manifest.preprocessing["mean"], self.manifest.preprocessing["std"])
+        return self._tokenize_all(px, t)
+
     def _tokenize_pixels(self, px: np.ndarray, t: dict[str, float], cluster_stage: str = "cluster") -> Tokens:
+        return self._tokenize_all(px, t, cluster_stage)[0]
+
+    def _tokenize_all(self, px: np.ndarray, t: dict[str, float], cluster_stage: str = "cluster") -> list[Tokens]:
         with timed(t, "encoder"):
             feats = self.stage("encoder").run({M.PIXEL_VALUES: px})[M.PATCH_FEATURES]
         with timed(t, "cluster"):
@@ -135,9 +150,14 @@ class Pipeline:
         with timed(t, "merger"):
             tokens = self.stage("merger").run({M.PATCH_FEATURES: feats, M.ASSIGNMENT: c[M.ASSIGNMENT],
                                                M.NUM_TOKENS: c[M.NUM_TOKENS]})[M.VISION_TOKENS]
-        k = int(c[M.NUM_TOKENS][0])
-        assignment = c[M.ASSIGNMENT][0]
-        return Tokens(tokens[0, :k], assignment, c[M.CENTERS][0, :k], self.token_masks(assignment, k), t)
+        out = []
+        for i, k in enumerate(int(x) for x in c[M.NUM_TOKENS]):
+            if k < 1:  # the plugin's AOT kernel marks rows longer than it was compiled for
+                raise M.BundleError(f"{cluster_stage}: num_tokens={k} for {feats.shape[1]} patches: the cluster engine's "
+                                    "kernel was built for fewer patches; rebuild the engines with `setok build`")
+            assignment = c[M.ASSIGNMENT][i]
+            out.append(Tokens(tokens[i, :k], assignment, c[M.CENTERS][i, :k], self.token_masks(assignment, k), dict(t)))
+        return out
 
     def token_masks(self, assignment: np.ndarray, k: int) -> np.ndarray:
         grid = (assignment.reshape(self.grid, self.grid)[None] == np.arange(k)[:, None, None])  # (K, G, G)
@@ -154,7 +174,7 @@ class Pipeline:
             vision = self.stage("projector").run({M.VISION_TOKENS: vt.tokens.astype(np.float32)})[M.EMBEDS]
         head = self.embeddings[[self.ids["<bos>"], self.ids["<im_start>"]]]
         tail = self.embeddings[[self.ids["<im_end>"]] + self._encode(prompt)]
-        return np.concatenate([head, vision, tail])[None].astype(np.float32), 2  # (1, L, H), first vision slot
+        return np.concatenate([head, vision, tail])[None], 2  # (1, L, H), first vision slot
 
     def caption(self, image: Any, max_new_tokens: int = 64, deadline: float | None = None, **sampling) -> Text:
         """Describe the image. `deadline` (seconds from now) returns what was decoded by then."""
@@ -171,6 +191,50 @@ class Pipeline:
         embeds, _ = self._image_prefix(vt, self.prompts["question"].format(q=question))
         return self._complete(embeds, vt.timings, max_new_tokens, due, **sampling)
 
+    def answer_batch(self, images: list, questions: list[str], max_new_tokens: int = 8) -> list[Text]:
+        """Greedy answers for several (image or Tokens, question) pairs in one batched LLM run:
+        prompts left-padded, one prefill, one decode step per token for the whole batch."""
+        if len(images) != len(questions) or not images:
+            raise InputError(f"answer_batch: {len(images)} images and {len(questions)} questions; expected equal, >= 1")
+        questions = [_check_text(q, "question") for q in questions]
+        raw = [i for i, x in enumerate(images) if not isinstance(x, Tokens)]
+        vts = list(images)
+        for i, vt in zip(raw, self.tokenize_batch([images[i] for i in raw]) if raw else []):
+            vts[i] = vt
+        prompts = [self._image_prefix(vt, self.prompts["question"].format(q=q))[0][0] for vt, q in zip(vts, questions)]
+        t: dict[str, float] = {}
+        ids = self._greedy_batch(prompts, max_new_tokens, t)
+        return [Text(self.tokenizer.decode(x, skip_special_tokens=True).strip(), x, {**vt.timings, **t})
+                for x, vt in zip(ids, vts)]
+
+    def _greedy_batch(self, prompts: list[np.ndarray], max_new_tokens: int, t: dict[str, float]) -> list[list[int]]:
+        length = max(p.shape[0] for p in prompts)
+        embeds = np.zeros((len(prompts), length, prompts[0].shape[1]), np.float32)
+        mask = np.zeros((len(prompts), length), np.int64)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+            embeds[i, length - p.shape[0]:], mask[i, length - p.shape[0]:] = p, 1
+        if length + max_new_tokens > self.manifest.text["max_positions"]:
+            raise InputError(f"prompt of {length} tokens + {max_new_tokens} new exceeds the context")
+        llm = self.stage("llm")
+        # TensorRT's device-resident decoder is batch-1; batches take the host-cache loop there.
+        decoder = llm.decoder() if isinstance(llm, OrtBackend) else HostDecoder(llm, self.manifest.stage("llm"))
+        ids: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(len(prompts), bool)
+        with timed(t, "llm_prefill"):
+            logits, _ = decoder.step(embeds, mask)
+        for _ in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            for i in np.flatnonzero(~done):
+                done[i] = nxt[i] == self.ids["<eos>"]
+                if not done[i]:
+                    ids[i].append(int(nxt[i]))
+            if done.all():
+                break
+            with timed(t, "llm_decode"):
+                logits, _ = decoder.step(self.embeddings[nxt][:, None])
+        decoder.close()
+        return ids
+
     def stream(self, image: Any, question: str | None = None, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
         """Yield text pieces as they are decoded (a caption, or the answer to `question`)."""
         vt = self._as_tokens(image)
@@ -185,13 +249,48 @@ class Pipeline:
                 yield full[len(text):]
                 text = full
 
+    # ---- asyncio -----------------------------------------------------------------------------
+    async def answer_async(self, image: Any, question: str, **kwargs) -> Text:
+        """`answer` on a worker thread (the pipeline is thread-safe): an event loop stays responsive."""
+        import asyncio
+
+        return await asyncio.to_thread(self.answer, image, question, **kwargs)
+
+    async def caption_async(self, image: Any, **kwargs) -> Text:
+        import asyncio
+
+        return await asyncio.to_thread(self.caption, image, **kwargs)
+
+    async def astream(self, image: Any, question: str | None = None, max_new_tokens: int = 64, **sampling):
+        """Async iterator of text pieces as they are decoded (the decode loop runs on a thread)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for piece in self.stream(image, question, max_new_tokens, **sampling):
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        worker = loop.run_in_executor(None, produce)
+        while (item := await queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        await worker
+
     def segment(self, image: Any, expression: str) -> Mask:
         expression = _check_text(expression, "expression")
         vt = self._as_tokens(image)
         embeds, first = self._image_prefix(vt, self.prompts["refer"].format(e=expression))
         t = vt.timings
         with timed(t, "llm_prefill"):
-            out = self._llm(embeds, None, 0)
+            out = self._llm(embeds)
         hidden = out["hidden_states"]  # (1, L, H)
         with timed(t, "seg_head"):
             logits = self.stage("seg_head").run({M.QUERY_HIDDEN: hidden[:, -1],
@@ -205,7 +304,7 @@ class Pipeline:
         prompt = _check_text(prompt, "prompt")
         t: dict[str, float] = {}
         ids = [self.ids["<bos>"]] + self._encode(self.prompts["draw"].format(c=prompt))
-        embeds = self.embeddings[ids][None].astype(np.float32)
+        embeds = self.embeddings[ids][None]
         slots = [h for tok, h in self._decode(embeds, t, self.max_tokens + 3) if tok == self.ids["<target>"]]
         slots = slots[: self.max_tokens]
         tokens = np.zeros((1, self.max_tokens, self.embeddings_dim_tokens()), np.float32)
@@ -233,20 +332,16 @@ class Pipeline:
             return dataclasses.replace(image, timings=dict(image.timings))  # own timings per call
         return self.tokenize(image)
 
-    def _llm(self, embeds: np.ndarray, past: dict | None, past_len: int) -> dict[str, np.ndarray]:
-        llm = self.stage("llm")
-        length = embeds.shape[1]
-        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, past_len + length), np.int64),
-                 "position_ids": np.arange(past_len, past_len + length, dtype=np.int64)[None]}
-        feeds.update(past if past is not None else self._empty_past())
-        return llm.run(feeds)
+    def _llm(self, embeds: np.ndarray) -> dict[str, np.ndarray]:
+        """One prefill pass returning every output (segmentation reads all hidden states)."""
+        feeds = {"inputs_embeds": embeds, **position_feeds(0, embeds.shape[1]), **empty_past(self.manifest.stage("llm"))}
+        return self.stage("llm").run(feeds)
 
-    def _empty_past(self) -> dict[str, np.ndarray]:
-        out = {}
-        for spec in self.manifest.stage("llm").inputs[3:]:
-            _, heads, _, hd = spec.shape
-            out[spec.name] = np.zeros((1, heads, 0, hd), np.float32)
-        return out
+    def _decoder(self) -> Decoder:
+        """The backend's own KV-cache decoder when it has one (cache kept where its tensors live)."""
+        llm = self.stage("llm")
+        make = getattr(llm, "decoder", None)
+        return make() if make is not None else HostDecoder(llm, self.manifest.stage("llm"))
 
     def _decode(self, embeds: np.ndarray, t: dict[str, float], max_new_tokens: int,
                 temperature: float = 0.0, top_k: int = 0, seed: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -257,18 +352,19 @@ class Pipeline:
         if embeds.shape[1] + max_new_tokens > limit:
             raise InputError(f"prompt of {embeds.shape[1]} tokens + {max_new_tokens} new exceeds the context of {limit}")
         rng = np.random.default_rng(seed)
-        with timed(t, "llm_prefill"):
-            out = self._llm(embeds, None, 0)
-        length = embeds.shape[1]
-        for _ in range(max_new_tokens):
-            tok = _pick(out["logits"][0, -1], temperature, top_k, rng)
-            if tok == self.ids["<eos>"]:
-                return
-            with timed(t, "llm_decode"):
-                past = {k.replace("present", "past_key_values"): v for k, v in out.items() if k.startswith("present.")}
-                out = self._llm(self.embeddings[[tok]][None].astype(np.float32), past, length)
-            length += 1
-            yield tok, out["hidden_states"][0, -1]
+        decoder = self._decoder()
+        try:
+            with timed(t, "llm_prefill"):
+                logits, _ = decoder.step(embeds)
+            for _ in range(max_new_tokens):
+                tok = _pick(logits[0], temperature, top_k, rng)
+                if tok == self.ids["<eos>"]:
+                    return
+                with timed(t, "llm_decode"):
+                    logits, hidden = decoder.step(self.embeddings[[tok]][None])
+                yield tok, hidden[0]
+        finally:  # also when the caller stops early (a deadline, a closed stream)
+            decoder.close()
 
     def _complete(self, embeds: np.ndarray, t: dict[str, float], max_new_tokens: int, due: float | None,
                   **sampling) -> Text:

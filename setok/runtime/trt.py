@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,15 +21,18 @@ import numpy as np
 
 from setok.engines.manifest import EngineEntry, check_compatible, load_engines_manifest
 from setok.engines.profiles import (
+    KvPlan,
     buffer_plan,
+    last_row_offset,
     resolve_dims,
     resolve_shape,
     select_profile,
 )
 from setok.optional import require
-from setok.errors import MissingDependency
+from setok.errors import InputError, MissingDependency
 from setok.manifest import TensorSpec, inside
 from setok.runtime.backend import check_feeds
+from setok.runtime.decode import position_feeds
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +128,9 @@ class TrtBackend:
         self.stream = int(cuda_call(self.rt.cudaStreamCreate(), "cudaStreamCreate")) if stream is None else int(stream)
         self._buffers = {n: DeviceBuffer(self.rt, f"stage {self.stage} tensor {n}") for n in [*self._inputs, *self._outputs]}
         self._profile: int | None = None
+        # One execution context and one set of buffers: calls from several threads take turns.
+        self._lock = threading.Lock()
+        self._kv_pool: list[list[dict[str, DeviceBuffer]]] = []  # KV buffer pairs of finished decoders
 
     def _check_io(self, trt: ModuleType) -> None:
         """The engine's tensors must be the manifest's, by name, mode and dtype."""
@@ -145,14 +152,17 @@ class TrtBackend:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.stage, self._inputs, feeds)
+        with self._lock:
+            return self._run(feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shapes = {n: tuple(a.shape) for n, a in feeds.items()}
         self._use_profile(select_profile(self.entry.profiles, shapes, self.stage))
         hosts = {n: np.ascontiguousarray(a) for n, a in feeds.items()}  # alive until the stream syncs
         for name, arr in hosts.items():
             self._bind_input(name, arr)
         outs = self._bind_outputs(resolve_dims(list(self._inputs.values()), shapes))
-        if not self.context.execute_async_v3(self.stream):
-            raise TrtError(f"stage {self.stage}: execute_async_v3 failed (see the TensorRT log above)")
+        self._execute()
         for name, arr in outs.items():
             self._copy(arr.ctypes.data, self._buffers[name].ptr, arr.nbytes, "DeviceToHost", name)
         cuda_call(self.rt.cudaStreamSynchronize(self.stream), f"cudaStreamSynchronize after stage {self.stage}")
@@ -173,9 +183,11 @@ class TrtBackend:
         if not self.context.set_tensor_address(name, ptr):
             raise TrtError(f"stage {self.stage}: set_tensor_address({name}) was refused")
 
-    def _bind_outputs(self, dims: dict[str, int]) -> dict[str, np.ndarray]:
-        """Host arrays for the outputs; device buffers sized by the manifest, shapes checked against TensorRT."""
+    def _bind_outputs(self, dims: dict[str, int], device: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+        """Host arrays for the outputs; device buffers sized by the manifest, shapes checked against TensorRT.
+        Outputs named in `device` are written to that address instead and get no host array."""
         plan = buffer_plan(list(self._outputs.values()), dims)
+        device = device or {}
         outs = {}
         for name, spec in self._outputs.items():
             shape = tuple(self.context.get_tensor_shape(name))
@@ -183,11 +195,26 @@ class TrtBackend:
             if shape != want:  # a manifest/engine disagreement, or a data-dependent shape (-1)
                 raise TrtError(f"stage {self.stage}: output {name} has shape {list(shape)} in TensorRT, "
                                f"{list(want)} by engines.json")
-            ptr = self._buffers[name].reserve(plan[name])
+            ptr = device[name] if name in device else self._buffers[name].reserve(plan[name])
             if not self.context.set_tensor_address(name, ptr):
                 raise TrtError(f"stage {self.stage}: set_tensor_address({name}) was refused")
-            outs[name] = np.empty(shape, np.dtype(spec.dtype))
+            if name not in device:
+                outs[name] = np.empty(shape, np.dtype(spec.dtype))
         return outs
+
+    def _bind_device_input(self, name: str, ptr: int, shape: tuple[int, ...]) -> None:
+        if not self.context.set_input_shape(name, shape):
+            raise TrtError(f"stage {self.stage}: set_input_shape({name}, {list(shape)}) was refused")
+        if not self.context.set_tensor_address(name, ptr):
+            raise TrtError(f"stage {self.stage}: set_tensor_address({name}) was refused")
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.stream):
+            raise TrtError(f"stage {self.stage}: execute_async_v3 failed (see the TensorRT log above)")
+
+    def decoder(self) -> "TrtDecoder":
+        """The llm stage's KV-cache decoder: the cache stays in device memory between steps."""
+        return TrtDecoder(self)
 
     def _copy(self, dst: int, src: int, nbytes: int, kind: str, name: str) -> None:
         if not nbytes:
@@ -199,9 +226,9 @@ class TrtBackend:
     def close(self) -> None:
         if getattr(self, "_buffers", None) is None:
             return
-        for buf in self._buffers.values():
+        for buf in [*self._buffers.values(), *(b for pair in self._kv_pool for s in pair for b in s.values())]:
             buf.free()
-        self._buffers = None
+        self._buffers, self._kv_pool = None, []
         self.context = self.engine = None  # the context before the engine, the engine before the runtime
         if self._own_stream:
             cuda_call(self.rt.cudaStreamDestroy(self.stream), f"cudaStreamDestroy of stage {self.stage}")
@@ -211,6 +238,76 @@ class TrtBackend:
             self.close()
         except Exception as e:  # noqa: BLE001
             log.debug("stage %s: cleanup at exit failed: %s", getattr(self, "stage", "?"), e)
+
+
+class TrtDecoder:
+    """Greedy/sampled decoding with a device-resident KV cache.
+
+    Two device buffer sets, each sized once for the longest cache (`KvPlan`): step t reads the past
+    from one set and writes `present.*` (past + this step, the graph's Concat) into the other, then
+    they swap. Per step only the new token's embedding, the mask and positions go up, and only the
+    last row of logits and hidden state comes back.
+    """
+
+    def __init__(self, backend: TrtBackend):
+        self.b = backend
+        self.plan = KvPlan.from_entry(backend.entry)
+        with backend._lock:  # a finished decoder's buffers are reused: no cudaMalloc per answer
+            self.sets = backend._kv_pool.pop() if backend._kv_pool else None
+        if self.sets is None:
+            self.sets = [{n: DeviceBuffer(backend.rt, f"kv {n} ({side})") for n in self.plan.past}
+                         for side in ("ping", "pong")]
+            for bufs in self.sets:
+                for buf in bufs.values():
+                    buf.reserve(self.plan.capacity_bytes)
+        self.current = 0  # the set holding the past
+        self.length = 0
+
+    def step(self, embeds: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if embeds.shape[0] != 1 or mask is not None:
+            raise InputError("TrtDecoder decodes one sequence; batches go through HostDecoder")
+        if self.sets is None:
+            raise RuntimeError("TrtDecoder.step after close()")
+        with self.b._lock:
+            return self._step(embeds)
+
+    def _step(self, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        b, plan = self.b, self.plan
+        new = embeds.shape[1]
+        if self.length + new > plan.max_length:
+            raise InputError(f"llm: {self.length} cached + {new} new positions exceed the engine's {plan.max_length}")
+        feeds = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32), **position_feeds(self.length, new)}
+        shapes = {n: a.shape for n, a in feeds.items()} | {n: plan.past_shape(self.length) for n in plan.past}
+        b._use_profile(select_profile(b.entry.profiles, shapes, b.stage))
+        for name, arr in feeds.items():
+            b._bind_input(name, arr)
+        past, present = self.sets[self.current], self.sets[1 - self.current]
+        for name in plan.past:
+            b._bind_device_input(name, past[name].ptr, plan.past_shape(self.length))
+        dims = resolve_dims(list(b.inputs().values()), shapes)
+        b._bind_outputs(dims, device={plan.present_of(n): present[n].ptr for n in plan.past})
+        b._execute()
+        last = {}
+        for name in ("logits", "hidden_states"):
+            row = np.empty(resolve_shape(b.outputs()[name], dims)[-1], np.float32)
+            b._copy(row.ctypes.data, b._buffers[name].ptr + last_row_offset(new, row.nbytes), row.nbytes,
+                    "DeviceToHost", name)
+            last[name] = row
+        cuda_call(b.rt.cudaStreamSynchronize(b.stream), "cudaStreamSynchronize after a decode step")
+        self.current, self.length = 1 - self.current, self.length + new
+        return last["logits"][None], last["hidden_states"][None]
+
+    def close(self) -> None:
+        """Hand the KV buffers back to the backend for the next decoder (freed with the backend)."""
+        if self.sets is None:
+            return
+        with self.b._lock:
+            if self.b._buffers is not None:
+                self.b._kv_pool.append(self.sets)
+            else:
+                for buf in (x for s in self.sets for x in s.values()):
+                    buf.free()
+        self.sets = None
 
 
 def _load_plugin(entry: EngineEntry) -> None:

@@ -227,3 +227,27 @@ def test_task_gate_passes_on_the_tiny_bundle(tiny_bundle, tmp_path):
         assert entry.precision == "int8" and gate["fp32"].keys() == gate["int8"].keys()
     else:  # the gate caught a drop: the stage went back to fp32 and the manifest says which metric
         assert entry.precision == "fp32" and entry.extra["kept_float"].startswith("task gate: ")
+
+
+def test_dynamic_quantizer_writes_a_cpu_int8_bundle_tensorrt_refuses(tiny_bundle, tmp_path):
+    """--quantizer dynamic: int8 weights, activations quantized per run; no Q/DQ, no range files."""
+    from setok.engines.build import build_engines
+    from setok.runtime.pipeline import Pipeline
+
+    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["encoder", "llm"], quantizer="dynamic",
+                           speed_gate=False, task_gate=0)
+    m = M.load_manifest(tmp_path / "b")
+    for name in ("encoder", "llm"):
+        r, entry = rep["stages"][name], m.stage(name)
+        assert entry.precision == "int8" and entry.extra["quantizer"] == "dynamic"
+        assert r["quantized_ops"].get("MatMulInteger", 0) > 0 and r["activation_ranges"] == "per run (dynamic)"
+        assert r["cosine"] >= 0.99, r
+        ops = {n.op_type for n in _graph(tmp_path / "b" / entry.file).node}
+        assert "DynamicQuantizeLinear" in ops and "QuantizeLinear" not in ops
+    assert not list((tmp_path / "b").glob("calibration/*"))
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[8:40, 20:50] = (30, 200, 60)
+    a, b = Pipeline.open(tmp_path / "b").tokenize(img), Pipeline.open(tiny_bundle).tokenize(img)
+    assert a.num_tokens == b.num_tokens
+    with pytest.raises(InputError, match="dynamically quantized"):
+        build_engines(tmp_path / "b", tmp_path / "engines")

@@ -383,7 +383,7 @@ class _FakeContext:
         return True
 
 
-def _fake_trt(io):
+def _fake_trt(io, context=_FakeContext):
     class Engine:
         num_io_tensors = len(io)
 
@@ -397,7 +397,7 @@ def _fake_trt(io):
             return io[name][1]
 
         def create_execution_context(self):
-            self.context = _FakeContext(io)
+            self.context = context(io)
             return self.context
 
     class Runtime:
@@ -461,3 +461,85 @@ def test_trt_backend_names_the_tensor_of_a_failing_cuda_call(fake_backend):
     with pytest.raises(TrtError, match=r"HostToDevice of stage toy tensor x failed: cudaErrorMemoryAllocation \(out of memory\)"):
         backend.run({"x": np.ones((2, 32), np.float32)})
     backend.close()
+
+
+# ---- TrtDecoder: the device-resident KV cache, with the real llm.onnx standing in for the engine ---
+class _OrtAsEngineContext(_FakeContext):
+    """An execution context whose 'engine' is the bundle's llm.onnx run by ONNX Runtime on the
+    bound addresses: TrtDecoder's binding, ping-pong and last-row copies are exercised for real."""
+
+    entry = session = None  # set by the test
+
+    def get_tensor_shape(self, name):
+        from setok.engines.profiles import resolve_dims, resolve_shape
+
+        specs = {s.name: s for s in self.entry.outputs}
+        if name not in specs:
+            return self.shapes[name]
+        return resolve_shape(specs[name], resolve_dims(self.entry.inputs, self.shapes))
+
+    def execute_async_v3(self, stream):
+        import ctypes
+        import math
+
+        def view(name, dtype, shape):
+            n = math.prod(shape) * np.dtype(dtype).itemsize
+            return np.frombuffer((ctypes.c_char * max(n, 1)).from_address(self.addr[name]), dtype, math.prod(shape)).reshape(shape)
+
+        feeds = {s.name: view(s.name, s.dtype, self.shapes[s.name]).copy() for s in self.entry.inputs}
+        outs = self.session.run(None, feeds)
+        for spec, value in zip(self.entry.outputs, outs):
+            assert tuple(value.shape) == tuple(self.get_tensor_shape(spec.name)), spec.name
+            view(spec.name, spec.dtype, value.shape)[...] = value
+        self.executed = getattr(self, "executed", 0) + 1
+        return True
+
+
+def test_trt_decoder_keeps_the_cache_on_the_device_and_matches_onnxruntime(tiny_bundle, manifest, limits, tmp_path,
+                                                                          monkeypatch):
+    import onnxruntime as ort
+
+    import setok.runtime.trt as T
+    from setok.runtime.backend import OrtBackend
+    from setok.runtime.decode import HostDecoder
+
+    llm = manifest.stage("llm")
+    rt = _FakeCudart()
+    copies = []
+    real_copy = rt.cudaMemcpyAsync
+    rt.cudaMemcpyAsync = lambda dst, src, n, kind, stream: copies.append((kind, n)) or real_copy(dst, src, n, kind, stream)
+    _OrtAsEngineContext.entry = llm
+    _OrtAsEngineContext.session = ort.InferenceSession(str(tiny_bundle / llm.file), providers=["CPUExecutionProvider"])
+    io = {s.name: ("in", s.dtype) for s in llm.inputs} | {s.name: ("out", s.dtype) for s in llm.outputs}
+    monkeypatch.setattr(T, "tensorrt", lambda: _fake_trt(io, _OrtAsEngineContext))
+    monkeypatch.setattr(T, "cudart", lambda: rt)
+    entry = EngineEntry("llm", "llm.engine", "", llm.file, "fp32", llm.inputs, llm.outputs,
+                        stage_profiles(llm.inputs, limits, "llm"))
+    (tmp_path / "llm.engine").write_bytes(b"plan")
+    backend = T.TrtBackend(tmp_path / "llm.engine", entry)
+    dec, host = backend.decoder(), HostDecoder(OrtBackend(tiny_bundle / llm.file, llm), llm)
+    assert dec.plan.max_length == limits.max_sequence
+    rng = np.random.default_rng(0)
+    hidden = llm.inputs[0].shape[2]
+    prompt = rng.standard_normal((1, 9, hidden)).astype(np.float32)
+    a, b = dec.step(prompt), host.step(prompt)
+    for _ in range(5):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-5)
+        copies.clear()
+        nxt = rng.standard_normal((1, 1, hidden)).astype(np.float32)
+        a, b = dec.step(nxt), host.step(nxt)
+        # Per decode step: embeds, mask, positions up; one logits row and one hidden row down.
+        # The cache (hundreds of KB for real models) never crosses: no copy is cache-sized.
+        assert sorted(k for k, _ in copies) == [1, 1, 1, 2, 2]
+        assert max(n for _, n in copies) < dec.plan.heads * dec.length * dec.plan.head_dim * 4
+    assert dec.length == 9 + 5 and backend.context.profiles == [0, 1]  # prefill, then decode
+    with pytest.raises(InputError, match="exceed the engine"):
+        dec.step(np.zeros((1, limits.max_sequence, hidden), np.float32))
+    dec.close()
+    before = len(rt.live)
+    reused = backend.decoder()  # the next answer reuses the cache buffers: no new cudaMalloc
+    assert reused.sets is not None and not backend._kv_pool and len(rt.live) == before
+    reused.close()
+    backend.close()
+    assert rt.live == {}

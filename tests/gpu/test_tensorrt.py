@@ -149,3 +149,39 @@ def test_cluster_plugin_equals_the_reference_exactly(tiny_bundle, tmp_path, feed
             np.testing.assert_array_equal(got[name], want, err_msg=name)
     finally:
         cluster.close()
+
+
+def test_pipeline_on_engines_agrees_with_onnxruntime_end_to_end(engines, tiny_bundle, request):
+    """Greedy answers and captions through TensorRT (device-resident KV cache) vs ONNX Runtime."""
+    from setok.data.items import eval_items
+    from setok.runtime import Pipeline
+    from setok.runtime.trt import TrtDecoder
+
+    trt_pipe, ort_pipe = Pipeline.open(engines, backend="tensorrt"), Pipeline.open(tiny_bundle)
+    try:
+        assert isinstance(trt_pipe._decoder(), TrtDecoder)
+        items = eval_items(4, seed=77)
+        agree = total = 0
+        for it in items:
+            for q, _ in it.qa[:2]:
+                agree += trt_pipe.answer(it.image, q).token_ids == ort_pipe.answer(it.image, q).token_ids
+                total += 1
+        exact = "fp32" in str(engines)
+        assert agree == total if exact else agree >= total - 1, f"{agree}/{total} greedy answers agree"
+        batched = trt_pipe.answer_batch([it.image for it in items[:2]], [it.qa[0][0] for it in items[:2]])
+        assert [b.token_ids for b in batched] == [trt_pipe.answer(it.image, it.qa[0][0]).token_ids for it in items[:2]]
+    finally:
+        trt_pipe.close()
+
+
+def test_bench_on_engines(engines, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "setok.cli", "bench", str(engines), "--backend", "tensorrt",
+                           "--n", "5", "--warmup", "2", "--batch", "2", "--json", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    target = json.loads(out.read_text())["targets"][0]
+    assert target["name"].startswith("tensorrt:") and target["e2e_median_ms"] > 0 and target["batch"]["size"] == 2

@@ -90,6 +90,20 @@ def test_more_than_max_tokens_above_tau(ck):
 
 
 @needs_triton
+@needs_triton
+def test_fused_kernel_built_for_fewer_patches_marks_its_outputs_invalid(ck):
+    """An AOT engine's kernel has one BLOCK_N; a longer row gets -1 outputs, never a partial clustering."""
+    b, n, c, max_tokens = 2, 40, 8, 6
+    x = torch.randn(b, n, c)
+    assignment = torch.zeros((b, n), dtype=torch.int64)
+    num_tokens = torch.zeros((b,), dtype=torch.int64)
+    centers = torch.zeros((b, max_tokens), dtype=torch.int64)
+    ck.dpc_knn_fused_kernel[(b,)](x, n, c, 4, ck.tau_bits(0.1), 2, max_tokens, assignment, num_tokens, centers,
+                                  BLOCK_N=32, BLOCK_C=8, BLOCK_T=ck.block_t(max_tokens))
+    assert num_tokens.tolist() == [-1, -1]
+    assert (assignment == -1).all() and (centers == -1).all()
+
+
 def test_fewer_patches_than_k_and_than_min_tokens(ck):
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(7))
     check_exact(ck, x, ClusterConfig(k=8, tau=0.25, min_tokens=2, max_tokens=32))

@@ -1,0 +1,77 @@
+"""A minimal HTTP service over the runtime (standard library only, one thread per request).
+
+    python examples/http_service.py BUNDLE [--port 8008]
+    curl -s localhost:8008/answer -H 'Content-Type: application/json' \\
+         -d '{"image": "'"$(base64 -w0 scene.png)"'", "question": "how many objects are there"}'
+
+POST /answer {"image": base64 PNG/JPEG, "question": str, "deadline": seconds?}
+  -> {"text", "complete", "num_tokens", "timings_ms"}
+POST /caption {"image": ...} -> the same keys.  GET /health -> {"ok": true}.
+Bad input answers 400 with {"error": "..."}; the Pipeline is thread-safe, so requests run in parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import io
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from PIL import Image
+
+from setok.errors import SetokError
+from setok.runtime import Pipeline
+
+
+def make_handler(pipe: Pipeline) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self._send(200, {"ok": True}) if self.path == "/health" else self._send(404, {"error": f"no route {self.path}"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path not in ("/answer", "/caption"):
+                return self._send(404, {"error": f"no route {self.path}; expected /answer or /caption"})
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                image = Image.open(io.BytesIO(base64.b64decode(body["image"], validate=True)))
+                tokens = pipe.tokenize(image)
+                if self.path == "/answer":
+                    out = pipe.answer(tokens, body.get("question", ""), deadline=body.get("deadline"))
+                else:
+                    out = pipe.caption(tokens, deadline=body.get("deadline"))
+            except (KeyError, ValueError, binascii.Error, OSError, SetokError) as e:
+                return self._send(400, {"error": f"{type(e).__name__}: {e}"})
+            self._send(200, {"text": out.text, "complete": out.complete, "num_tokens": tokens.num_tokens,
+                             "timings_ms": {k: round(v * 1000, 3) for k, v in out.timings.items()}})
+
+        def _send(self, code: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, fmt: str, *args) -> None:  # quiet: one line per request is noise for a robot
+            pass
+
+    return Handler
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--port", type=int, default=8008)
+    ap.add_argument("--host", default="127.0.0.1")
+    args = ap.parse_args()
+    pipe = Pipeline.open(args.bundle)
+    pipe.warmup()
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(pipe))
+    print(f"serving {args.bundle} on http://{args.host}:{server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
