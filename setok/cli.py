@@ -47,6 +47,9 @@ def main(verbose: bool) -> None:
               help="setok: DPC-KNN clusters; patch / topk: the baselines.")
 @click.option("--max-minutes", type=float, default=None, help="Wall-clock budget (for same-time baselines).")
 @click.option("--ckpt-every", type=int, default=200, show_default=True)
+@click.option("--tune-merger", is_flag=True,
+              help="Stage 2 also trains the merger and detokenizer (LLM losses + reconstruction); the encoder, "
+                   "hence the clustering, stays frozen.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Global batch (split over torchrun processes); default per preset.")
 @click.option("--encoder", "encoder_path", type=click.Path(exists=True, file_okay=False), default=None,

@@ -49,6 +49,9 @@ class TrainOptions:
     encoder_path: str | None = None
     llm_path: str | None = None
     max_minutes: float | None = None  # wall-clock budget (baselines trained "for the same time")
+    # Stage 2 also trains merger + detokenizer (clusters fixed: the encoder stays frozen), so the
+    # LLM's losses shape what a token carries; reconstruction keeps the detokenizer in step.
+    tune_merger: bool = False
 
 
 def stage_steps(opts: TrainOptions) -> tuple[int, int]:
@@ -69,6 +72,7 @@ def train(opts: TrainOptions) -> Path:
     state = _load_state(opts) if opts.resume else None
     if state is not None:
         model = Setokim.from_pretrained(opts.out)
+        opts.tune_merger = opts.tune_merger or bool(state.get("tune_merger"))  # the recipe the run began with
         log.info("resuming %s at stage %s step %s", opts.out, state["stage"], state["step"])
     else:
         tok = T.train_text_tokenizer(stream.corpus(), cfg.llm.vocab_size)
@@ -107,7 +111,11 @@ class Trainer:
             params = list(self.model.vision.parameters()) + list(self.concept.parameters())
         else:
             self.model.vision.requires_grad_(False)
-            params = [p for n, p in self.model.named_parameters() if not n.startswith("vision.")]
+            frozen = ("vision.encoder.",) if self.opts.tune_merger else ("vision.",)
+            if self.opts.tune_merger:
+                self.model.vision.merger.requires_grad_(True)
+                self.model.vision.detokenizer.requires_grad_(True)
+            params = [p for n, p in self.model.named_parameters() if not n.startswith(frozen)]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
 
     def run(self) -> None:
@@ -201,16 +209,33 @@ class Trainer:
     def step_stage2(self, step: int) -> dict[str, float]:
         indexed = shard(list(enumerate(self.stream.batch(self.steps[0] + step, self.batch))), self.dist)
         items = [it for _, it in indexed]
-        with torch.no_grad():
-            px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
-            vt = self.model.vision(px)
+        px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
+        extra = {}
+        if self.opts.tune_merger:
+            vt = self._tokens_with_grad(px)
+            extra["recon"] = torch.nn.functional.mse_loss(self.model.vision.reconstruct(vt), px)
+        else:
+            with torch.no_grad():
+                vt = self.model.vision(px)
         seqs = []
         for i, (g, it) in enumerate(indexed):
             k = int(vt.clusters.num_tokens[i])
             # One generator per image of the global batch: the same draws however it is sharded.
             rng = random.Random((self.opts.seed * 1_000_003 + step) * 10_007 + g)
             seqs += task_sequences(self.model, it, vt.tokens[i, :k], vt.clusters.assignment[i], rng)
-        return self._apply(self.model.losses(seqs))
+        return self._apply({**self.model.losses(seqs), **extra})
+
+    def _tokens_with_grad(self, px: torch.Tensor):
+        """Encoder and clustering frozen (no grad), merger with grad."""
+        from setok.model.vision import VisionTokens
+
+        vision = self.model.vision
+        with torch.no_grad():
+            content = vision.encoder.features(px)  # (B, N, C)
+            features = content + vision.encoder.pos_out
+            clusters = vision.cluster(features)
+        tokens = vision.merger(features, clusters.assignment, clusters.num_tokens)  # (B, T, D)
+        return VisionTokens(tokens, clusters, features, content)
 
     def _apply(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         for group in self.opt.param_groups:
@@ -230,7 +255,7 @@ class Trainer:
             barrier(self.dist)
             return
         state = dict(self.state, finished=final, preset=self.opts.preset, seed=self.opts.seed,
-                     data=self.opts.data, steps=list(self.steps))
+                     data=self.opts.data, steps=list(self.steps), tune_merger=self.opts.tune_merger)
         self.model.save_pretrained(self.opts.out, extra=state, optimizer=None if final else self._opt_tensors())
         log.info("checkpoint: %s (stage %s step %s)", self.opts.out, state["stage"], state["step"])
         barrier(self.dist)
@@ -287,7 +312,7 @@ def task_sequences(model: Setokim, it: TrainItem, tokens: torch.Tensor, assignme
     k = tokens.shape[0]
     gen = model.generation_prefix(it.caption)
     gen.add([model.ids[T.IM_START]] + [model.ids[T.TARGET]] * k + [model.ids[T.IM_END]] + eos, True)
-    gen.targets = tokens
+    gen.targets = tokens.detach()  # a target, not a path for gradients into the merger
     seqs.append(gen)
     return seqs
 

@@ -21,6 +21,12 @@ def to_rgb_array(image: Any, size: int) -> np.ndarray:
 
         return load_image(image, size)
     if isinstance(image, np.ndarray):
+        if image.ndim in (2, 3) and image.shape[:2] == (size, size) and image.dtype == np.uint8:
+            # Already the encoder's size: resize and crop are the identity, so skip PIL entirely
+            # (a camera loop feeding (size, size, 3) frames pays no conversion).
+            rgb = np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3]
+            if rgb.shape[-1] == 3:
+                return np.ascontiguousarray(rgb)
         image = _array_to_pil(image)
     if not isinstance(image, Image.Image):
         raise InputError(f"image: got {type(image).__name__}; expected a path, a PIL image or a numpy array")

@@ -115,3 +115,46 @@ def test_generation_count_is_chosen_by_the_llm(tiny_ckpt):
     tokens, counts = model.generate_tokens(["a small red circle at center on a navy gradient"])
     assert tokens.shape == (1, model.cfg.max_tokens, model.cfg.merger.token_dim)
     assert 1 <= int(counts[0]) <= model.cfg.max_tokens
+
+
+def _merger_tokens(shape_code: bool, cells: list[tuple[int, int]]) -> torch.Tensor:
+    """Token 1 of a merger (no inter block) for an object covering `cells` of an 8x8 grid, with
+    every object patch carrying the same feature vector: only the cluster's geometry differs."""
+    from setok.config import MergerConfig
+    from setok.model.merger import Merger
+
+    torch.manual_seed(0)
+    merger = Merger(MergerConfig(inter_depth=0, heads=2, token_dim=16, shape_code=shape_code), 32, 4, 8).eval()
+    assignment = torch.zeros(1, 64, dtype=torch.long)
+    for y, x in cells:
+        assignment[0, y * 8 + x] = 1
+    feats = torch.where(assignment.unsqueeze(-1) == 1, torch.ones(32), -torch.ones(32))  # (1, 64, 32)
+    with torch.no_grad():
+        return merger(feats, assignment, torch.tensor([2]))[0, 1, 2:]  # dims 0-1 are the centroid
+
+
+def test_shape_code_carries_the_cluster_shape_and_not_its_position():
+    square = [(y, x) for y in range(2, 5) for x in range(2, 5)]
+    plus = [(3, 1), (3, 2), (3, 3), (2, 2), (4, 2), (1, 2), (5, 2), (3, 0), (3, 4)]  # 9 patches too
+    moved = [(y + 3, x + 2) for y, x in square]
+    assert torch.allclose(_merger_tokens(False, square), _merger_tokens(False, plus), atol=1e-6)  # mean of equal rows
+    assert not torch.allclose(_merger_tokens(True, square), _merger_tokens(True, plus), atol=1e-3)
+    assert torch.allclose(_merger_tokens(True, square), _merger_tokens(True, moved), atol=1e-5)
+
+
+def test_tune_merger_trains_merger_and_detokenizer_but_never_the_encoder(tmp_path):
+    from setok.data.items import item_stream
+    from setok.train import TrainOptions, Trainer
+
+    cfg = preset("tiny")
+    stream = item_stream("synthetic", cfg.encoder.image_size, 0)
+    model = Setokim(cfg, train_text_tokenizer(stream.corpus(), cfg.llm.vocab_size))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opts = TrainOptions(preset="tiny", out=tmp_path / "ck", steps=4, batch_size=4, tune_merger=True)
+    trainer = Trainer(model, opts, stream, {"stage": 2, "step": 0, "elapsed": 0.0})
+    losses = trainer.step_stage2(0)
+    assert "recon" in losses and "lm" in losses
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert not any(n.startswith("vision.encoder.") for n in changed)
+    assert any(n.startswith("vision.merger.") for n in changed) and any(n.startswith("vision.detokenizer.") for n in changed)
+    assert any(n.startswith("llm.") for n in changed)

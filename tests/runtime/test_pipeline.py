@@ -108,6 +108,18 @@ def test_image_inputs_are_equivalent(pipe, scenes, tmp_path):
         np.testing.assert_array_equal(pipe.tokenize(image).assignment, ref)
 
 
+def test_right_sized_arrays_skip_pil_and_match_it():
+    from setok.data.folder import fit_image
+    from setok.runtime.preprocess import to_rgb_array
+
+    rng = np.random.default_rng(3)
+    for shape in ((64, 64, 3), (64, 64, 4), (64, 64)):
+        arr = rng.integers(0, 256, shape, dtype=np.uint8)
+        pil = Image.fromarray(arr).convert("RGB")
+        np.testing.assert_array_equal(to_rgb_array(arr, 64), fit_image(pil, 64))
+        assert to_rgb_array(arr, 64).flags.c_contiguous
+
+
 @pytest.mark.parametrize("bad, needle", [
     (np.zeros((8, 8, 5), np.uint8), "shape"),
     (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
