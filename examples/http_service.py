@@ -27,10 +27,13 @@ from setok.runtime import Pipeline
 
 def make_handler(pipe: Pipeline) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            self._send(200, {"ok": True}) if self.path == "/health" else self._send(404, {"error": f"no route {self.path}"})
+        def do_GET(self) -> None:  # http.server's method naming
+            if self.path == "/health":
+                self._send(200, {"ok": True})
+            else:
+                self._send(404, {"error": f"no route {self.path}"})
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             if self.path not in ("/answer", "/caption"):
                 return self._send(404, {"error": f"no route {self.path}; expected /answer or /caption"})
             try:

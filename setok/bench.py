@@ -65,9 +65,8 @@ class TorchTarget:
     def run(self, image: np.ndarray, max_new_tokens: int) -> tuple[dict[str, float], int, int]:
         import torch
 
-        from setok.model.setokim import QUESTION_PROMPT
-
         from setok.model.encoder import preprocess
+        from setok.model.setokim import QUESTION_PROMPT
 
         m, t = self.model, {}
         with timed(t, "preprocess"):

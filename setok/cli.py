@@ -59,7 +59,8 @@ def main(verbose: bool) -> None:
 @user_errors
 def train(**kw) -> None:
     """Train a Setokim checkpoint (stage 1 vision tokenizer, stage 2 LLM and heads)."""
-    from setok.train import TrainOptions, train as run
+    from setok.train import TrainOptions
+    from setok.train import train as run
 
     out = run(TrainOptions(**kw))
     click.echo(f"checkpoint written to {out}")

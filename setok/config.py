@@ -91,7 +91,7 @@ class SetokimConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SetokimConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SetokimConfig:
         return _build(cls, data, "config")
 
     @property

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from setok.data.items import SceneStream, TrainItem, eval_items
-from setok.eval.metrics import flat_baseline_psnr, fg_ari, iou, psnr, spearman
+from setok.eval.metrics import fg_ari, flat_baseline_psnr, iou, psnr, spearman
 from setok.model.cluster import dpc_knn
 from setok.model.encoder import preprocess
 from setok.model.layers import patchify, sincos_2d

@@ -61,7 +61,7 @@ class StageEntry:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StageEntry":
+    def from_dict(cls, d: dict[str, Any]) -> StageEntry:
         try:
             return cls(
                 d["name"], d["file"], d["sha256"], d["precision"], int(d["opset"]),

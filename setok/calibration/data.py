@@ -17,8 +17,8 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from setok import manifest as M
-from setok.runtime.decode import empty_past
 from setok.errors import InputError
+from setok.runtime.decode import empty_past
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from setok.engines.manifest import (
     parse_version,
 )
 from setok.engines.profiles import Limits, Profile, stage_profiles
-from setok.optional import require
 from setok.errors import InputError, MissingDependency, SetokError
 from setok.io import atomic_dir
+from setok.optional import require
 
 log = logging.getLogger(__name__)
 

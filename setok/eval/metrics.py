@@ -14,7 +14,7 @@ def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
     _, bi = np.unique(b, return_inverse=True)
     table = np.zeros((ai.max() + 1, bi.max() + 1), dtype=np.int64)
     np.add.at(table, (ai, bi), 1)
-    comb = lambda x: x * (x - 1) / 2.0  # noqa: E731
+    comb = lambda x: x * (x - 1) / 2.0
     sum_ij = comb(table).sum()
     sum_a, sum_b = comb(table.sum(1)).sum(), comb(table.sum(0)).sum()
     expected = sum_a * sum_b / comb(a.size)

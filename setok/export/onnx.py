@@ -21,7 +21,13 @@ from setok.export.llm import LLM_INPUTS, LLM_OUTPUTS, expand_names, export_llm
 from setok.export.stages import STAGES, Stage, examples
 from setok.io import atomic_dir
 from setok.model.encoder import MEAN, STD
-from setok.model.setokim import CAPTION_PROMPT, DRAW_PROMPT, QUESTION_PROMPT, REFER_PROMPT, Setokim
+from setok.model.setokim import (
+    CAPTION_PROMPT,
+    DRAW_PROMPT,
+    QUESTION_PROMPT,
+    REFER_PROMPT,
+    Setokim,
+)
 
 log = logging.getLogger(__name__)
 

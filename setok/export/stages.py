@@ -36,7 +36,7 @@ class Stage:
     name: str
     inputs: dict[str, tuple[str, Callable[[SetokimConfig], Shape]]]  # name -> (dtype, shape)
     outputs: dict[str, tuple[str, Callable[[SetokimConfig], Shape]]]
-    module: Callable[["Setokim"], nn.Module] | None  # None: the stage has its own exporter
+    module: Callable[[Setokim], nn.Module] | None  # None: the stage has its own exporter
     tolerance: Tolerance = field(default_factory=Tolerance)
     applies: Callable[[SetokimConfig], bool] = lambda cfg: True
 

@@ -90,6 +90,6 @@ def patchify(images: Tensor, p: int) -> Tensor:
 def unpatchify(patches: Tensor, p: int) -> Tensor:
     """(B, N, p*p*3) -> (B, 3, H, W)."""
     b, n, _ = patches.shape
-    g = int(math.isqrt(n))
+    g = math.isqrt(n)
     x = patches.reshape(b, g, g, p, p, 3)  # (B, G, G, p, p, 3)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 3, g * p, g * p)  # (B, 3, H, W)

@@ -41,7 +41,7 @@ class Sequence:
     targets: Tensor | None = None  # (K, D) regressed from hidden states at <target> slots
     seg_labels: Tensor | None = None  # (K,) 1 = token belongs to the referred object
 
-    def add(self, ids: list[int], supervised: bool = False) -> "Sequence":
+    def add(self, ids: list[int], supervised: bool = False) -> Sequence:
         self.ids += ids
         self.supervised += [supervised] * len(ids)
         return self
@@ -265,7 +265,7 @@ class Setokim(nn.Module):
                 save_file(optimizer, str(tmp / "optimizer.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Setokim":
+    def from_pretrained(cls, path: str | Path) -> Setokim:
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 

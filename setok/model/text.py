@@ -18,7 +18,14 @@ SPECIAL = [PAD, BOS, EOS, UNK, IM_START, IM_END, TARGET]
 
 def train_text_tokenizer(corpus: Iterable[str], vocab_size: int):
     """Train a BPE tokenizer on `corpus`; returns a transformers PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=UNK))

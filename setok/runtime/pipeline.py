@@ -79,7 +79,7 @@ class Pipeline:
 
     @classmethod
     def open(cls, bundle: str | Path, backend: str = "onnxruntime", providers: list | None = None,
-             threads: int | None = None, spin: bool = True) -> "Pipeline":
+             threads: int | None = None, spin: bool = True) -> Pipeline:
         """Open a bundle (backend "onnxruntime") or an engines directory written by `setok build`
         (backend "tensorrt"): the manifest is read and every file's sha256 checked; sessions are lazy."""
         bundle = Path(bundle)

@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from setok.errors import InputError
-
 from setok.data.folder import MAX_PIXELS  # refuse decompression bombs before decoding
+from setok.errors import InputError
 
 
 def to_rgb_array(image: Any, size: int) -> np.ndarray:

@@ -28,9 +28,9 @@ from setok.engines.profiles import (
     resolve_shape,
     select_profile,
 )
-from setok.optional import require
 from setok.errors import InputError, MissingDependency
 from setok.manifest import TensorSpec, inside
+from setok.optional import require
 from setok.runtime.backend import check_feeds
 from setok.runtime.decode import position_feeds
 
@@ -212,7 +212,7 @@ class TrtBackend:
         if not self.context.execute_async_v3(self.stream):
             raise TrtError(f"stage {self.stage}: execute_async_v3 failed (see the TensorRT log above)")
 
-    def decoder(self) -> "TrtDecoder":
+    def decoder(self) -> TrtDecoder:
         """The llm stage's KV-cache decoder: the cache stays in device memory between steps."""
         return TrtDecoder(self)
 

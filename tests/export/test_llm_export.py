@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from setok.export.llm import (
-    LLM_INPUTS, LLM_OUTPUTS, _session, empty_past, expand_names, export_llm, presents_as_past, validate_llm,
+    LLM_INPUTS,
+    LLM_OUTPUTS,
+    _session,
+    empty_past,
+    expand_names,
+    export_llm,
+    presents_as_past,
+    validate_llm,
 )
 
 STEPS = 5

@@ -144,7 +144,7 @@ def test_shape_code_carries_the_cluster_shape_and_not_its_position():
 
 def test_tune_merger_trains_merger_and_detokenizer_but_never_the_encoder(tmp_path):
     from setok.data.items import item_stream
-    from setok.train import TrainOptions, Trainer
+    from setok.train import Trainer, TrainOptions
 
     cfg = preset("tiny")
     stream = item_stream("synthetic", cfg.encoder.image_size, 0)

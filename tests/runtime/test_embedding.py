@@ -85,7 +85,6 @@ def test_http_service_example_answers_like_the_pipeline(pipe, tiny_bundle, tmp_p
     import socket
     import subprocess
     import sys
-    import time
     import urllib.error
     import urllib.request
     from pathlib import Path
