@@ -236,7 +236,7 @@ class Trainer:
         px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
         extra = {}
         if self.opts.tune_merger:
-            vt = self._tokens_with_grad(px)
+            vt = self.model.vision(px, encoder_grad=False)
             extra["recon"] = torch.nn.functional.mse_loss(self.model.vision.reconstruct(vt), px)
         else:
             with torch.no_grad():
@@ -248,18 +248,6 @@ class Trainer:
             rng = random.Random((self.opts.seed * 1_000_003 + step) * 10_007 + g)
             seqs += task_sequences(self.model, it, vt.tokens[i, :k], vt.clusters.assignment[i], rng)
         return self._apply({**self.model.losses(seqs), **extra})
-
-    def _tokens_with_grad(self, px: torch.Tensor):
-        """Encoder and clustering frozen (no grad), merger with grad."""
-        from setok.model.vision import VisionTokens
-
-        vision = self.model.vision
-        with torch.no_grad():
-            content = vision.encoder.features(px)  # (B, N, C)
-            features = content + vision.encoder.pos_out
-            clusters = vision.cluster(features)
-        tokens = vision.merger(features, clusters.assignment, clusters.num_tokens)  # (B, T, D)
-        return VisionTokens(tokens, clusters, features, content)
 
     def _apply(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         for group in self.opt.param_groups:

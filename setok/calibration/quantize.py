@@ -10,8 +10,8 @@ The cluster stages (integer-heavy DPC-KNN, exact ties) are copied as they are.
 `quantizer="dynamic"` is the CPU form instead: ONNX Runtime dynamic quantization (int8
 per-channel weights; activations quantized at run time from each tensor's own range, so no
 calibrated ranges and no activation Q/DQ). On this machine it is the INT8 that is faster than
-fp32 (the static Q/DQ graph is not, see README); TensorRT does not take it (`setok build` builds
-such stages from the fp32 graph's Q/DQ-free source only if you pass the fp32 bundle).
+fp32 (the static Q/DQ graph is not, see README); TensorRT cannot parse it, so `setok build`
+refuses such a bundle (build from the fp32 one).
 """
 
 from __future__ import annotations

@@ -198,7 +198,9 @@ class KvPlan:
 
     @classmethod
     def from_entry(cls, entry) -> KvPlan:
-        past = [s for s in entry.inputs if s.name.startswith("past_key_values.")]
+        from setok.runtime.decode import past_specs  # numpy-only; one definition of the cache names
+
+        past = past_specs(entry)
         if not past:
             raise InputError(f"stage {entry.stage}: no past_key_values inputs; not an llm engine with a KV cache")
         shapes = {(s.shape[1], s.shape[3]) for s in past}
@@ -219,4 +221,6 @@ class KvPlan:
 
     @staticmethod
     def present_of(past_name: str) -> str:
-        return "present." + past_name[len("past_key_values."):]
+        from setok.runtime.decode import PAST, PRESENT
+
+        return PRESENT + past_name[len(PAST):]

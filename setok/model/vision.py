@@ -44,9 +44,12 @@ class VisionTokenizer(nn.Module):
                 return fixed_topk(features, self.cfg.topk_tokens, self.cfg.cluster.k)
             return dpc_knn(features, self.cfg.cluster)
 
-    def forward(self, pixel_values: Tensor) -> VisionTokens:
-        content = self.encoder.features(pixel_values)  # (B, N, C)
-        features = content + self.encoder.pos_out
+    def forward(self, pixel_values: Tensor, encoder_grad: bool = True) -> VisionTokens:
+        """`encoder_grad=False` freezes encoder and clusters but keeps the merger differentiable
+        (stage 2 with --tune-merger)."""
+        with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+            content = self.encoder.features(pixel_values)  # (B, N, C)
+            features = content + self.encoder.pos_out
         clusters = self.cluster(features)
         tokens = self.merger(features, clusters.assignment, clusters.num_tokens)  # (B, T, D)
         return VisionTokens(tokens, clusters, features, content)
