@@ -19,10 +19,18 @@ def patch_labels(masks: Tensor, patch: int) -> Tensor:
 
 def grouping_loss(content: Tensor, labels: Tensor, margin: float = 1.0) -> Tensor:
     """Pull patches of one object together and push different objects apart, in the distance
-    the clustering uses; this is what makes DPC on learned features beat DPC on pixels."""
+    the clustering uses; this is what makes DPC on learned features beat DPC on pixels.
+
+    The pull is a mean per group (each object and the background count once), not per pair:
+    per pair, background pairs are most of the batch and objects stayed loose (same-object
+    distance 0.25 vs background 0.06), so DPC found a second peak in half of the objects.
+    Measured at 300 stage-1 steps of `small`: fg_ari 0.70 per pair, 0.93 per group.
+    """
     d = pairwise_distance(content)  # (B, N, N)
     same = labels.unsqueeze(2) == labels.unsqueeze(1)  # (B, N, N)
-    pull = (d * d)[same].mean()
+    size = same.sum(-1).to(d.dtype)  # (B, N): the size of each patch's group
+    weight = same.to(d.dtype) / (size.unsqueeze(2) * size.unsqueeze(1))  # 1 / n_g^2 inside group g
+    pull = ((d * d) * weight).sum() / (1.0 / size).sum()  # sum over groups of the mean / groups
     push = F.relu(margin - d)[~same]
     return pull + ((push * push).mean() if push.numel() else d.new_zeros(()))
 

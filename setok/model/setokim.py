@@ -133,30 +133,45 @@ class Setokim(nn.Module):
         return out.logits, out.hidden_states[-1]  # (S, L, V), (S, L, H)
 
     # ---- training losses -------------------------------------------------------------------
-    def losses(self, seqs: list[Sequence]) -> dict[str, Tensor]:
-        batch = self.collate(seqs)
-        logits, hidden = self.hidden(batch)
-        out = {"lm": self._lm_loss(batch, logits)}
-        reg = self._regression_loss(batch, hidden)
-        if reg is not None:
-            out["regress"] = reg
-        seg = self._seg_loss(batch, hidden)
-        if seg is not None:
-            out["seg"] = seg
-        return out
+    def losses(self, seqs: list[Sequence], buckets: int = 4) -> dict[str, Tensor]:
+        """Mean LM / regression / segmentation losses over `seqs`.
 
-    def _lm_loss(self, batch: Batch, logits: Tensor) -> Tensor:
+        Sequences are sorted by length and run in `buckets` groups, each padded only to its own
+        longest: a caption (~60 ids) and a question (~20) in one padded batch waste most of the
+        LLM's compute on padding. The losses are sums over all groups divided by global counts,
+        so they equal the one-batch values whatever the grouping.
+        """
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
+        size = -(-len(order) // max(1, buckets))
+        sums: dict[str, list[Tensor]] = {}
+        counts: dict[str, int] = {}
+        for start in range(0, len(order), size):
+            group = [seqs[i] for i in order[start : start + size]]
+            batch = self.collate(group)
+            logits, hidden = self.hidden(batch)
+            for name, (total, n) in self._loss_sums(batch, logits, hidden).items():
+                sums.setdefault(name, []).append(total)
+                counts[name] = counts.get(name, 0) + n
+        return {name: torch.stack(sums[name]).sum() / counts[name] for name in ("lm", "regress", "seg") if counts.get(name)}
+
+    def _loss_sums(self, batch: Batch, logits: Tensor, hidden: Tensor) -> dict[str, tuple[Tensor, int]]:
+        """(sum, count) per loss in one padded group."""
+        out = {}
         sup = batch.supervised[:, 1:]  # (S, L-1): predict t from the prefix up to t-1
-        return F.cross_entropy(logits[:, :-1][sup], batch.ids[:, 1:][sup])
-
-    def _regression_loss(self, batch: Batch, hidden: Tensor) -> Tensor | None:
+        if sup.any():
+            out["lm"] = (F.cross_entropy(logits[:, :-1][sup], batch.ids[:, 1:][sup], reduction="sum"), int(sup.sum()))
         rows = [i for i, s in enumerate(batch.seqs) if s.targets is not None]
-        if not rows:
-            return None
-        slots = batch.ids[rows] == self.ids[T.TARGET]  # (R, L)
-        pred = self.regress(hidden[rows][slots])  # (sum K, D)
-        target = torch.cat([batch.seqs[i].targets for i in rows], 0)
-        return F.mse_loss(pred, target)
+        if rows:
+            slots = batch.ids[rows] == self.ids[T.TARGET]  # (R, L)
+            pred = self.regress(hidden[rows][slots])  # (sum K, D)
+            target = torch.cat([batch.seqs[i].targets for i in rows], 0)
+            out["regress"] = (F.mse_loss(pred, target, reduction="sum"), target.numel())
+        rows = [i for i, s in enumerate(batch.seqs) if s.seg_labels is not None]
+        if rows:
+            seg = torch.cat([self.seg_logits(batch, hidden, i) for i in rows])
+            labels = torch.cat([batch.seqs[i].seg_labels for i in rows]).float()
+            out["seg"] = (F.binary_cross_entropy_with_logits(seg, labels, reduction="sum"), labels.numel())
+        return out
 
     def seg_logits(self, batch: Batch, hidden: Tensor, row: int) -> Tensor:
         """Score each vision token of sequence `row` for the expression that ends it."""
@@ -164,14 +179,6 @@ class Setokim(nn.Module):
         q = self.seg_query(hidden[row, n - 1])  # (H,) last real position (right padding)
         k = self.seg_key(hidden[row, : n][batch.ids[row, :n] == -1])  # (K, H)
         return k @ q / q.shape[-1] ** 0.5  # (K,)
-
-    def _seg_loss(self, batch: Batch, hidden: Tensor) -> Tensor | None:
-        rows = [i for i, s in enumerate(batch.seqs) if s.seg_labels is not None]
-        if not rows:
-            return None
-        logits = torch.cat([self.seg_logits(batch, hidden, i) for i in rows])
-        labels = torch.cat([batch.seqs[i].seg_labels for i in rows]).float()
-        return F.binary_cross_entropy_with_logits(logits, labels)
 
     # ---- inference ---------------------------------------------------------------------------
     @torch.no_grad()

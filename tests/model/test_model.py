@@ -158,3 +158,41 @@ def test_tune_merger_trains_merger_and_detokenizer_but_never_the_encoder(tmp_pat
     assert not any(n.startswith("vision.encoder.") for n in changed)
     assert any(n.startswith("vision.merger.") for n in changed) and any(n.startswith("vision.detokenizer.") for n in changed)
     assert any(n.startswith("llm.") for n in changed)
+
+
+def test_grouping_pull_counts_each_group_once():
+    from setok.model.cluster import pairwise_distance
+    from setok.model.losses import grouping_loss
+
+    torch.manual_seed(0)
+    # 12 background patches almost equal, 4 object patches spread: a per-pair mean would be
+    # dominated by the tight background; the per-group mean is the average of the two groups.
+    content = torch.cat([torch.randn(1, 1, 8).expand(1, 12, 8) + 0.01 * torch.randn(1, 12, 8),
+                         torch.randn(1, 4, 8) + 5.0], 1)  # (1, 16, 8)
+    labels = torch.tensor([[0] * 12 + [1] * 4])
+    d2 = pairwise_distance(content)[0] ** 2
+    per_group = 0.5 * (d2[:12, :12].mean() + d2[12:, 12:].mean())
+    push = torch.relu(1.0 - pairwise_distance(content)[0][:12, 12:]) ** 2
+    assert torch.allclose(grouping_loss(content, labels), per_group + push.mean(), rtol=1e-5)
+    per_pair = d2[labels[0].unsqueeze(1) == labels[0]].mean()
+    assert per_group > 2 * per_pair  # the object's spread is not drowned by the background's pairs
+
+
+def test_bucketed_losses_equal_one_padded_batch(tiny_ckpt):
+    import random
+
+    from setok.train import task_sequences
+
+    model = Setokim.from_pretrained(tiny_ckpt)
+    items = eval_items(4, seed=2)
+    with torch.no_grad():
+        vt = model.vision(preprocess(torch.from_numpy(np.stack([it.image for it in items]))))
+    seqs = []
+    for i, it in enumerate(items):
+        k = int(vt.clusters.num_tokens[i])
+        seqs += task_sequences(model, it, vt.tokens[i, :k], vt.clusters.assignment[i], random.Random(i))
+    assert len({len(s.ids) for s in seqs}) > 3  # lengths differ, so the buckets pad differently
+    one, four = model.losses(seqs, buckets=1), model.losses(seqs, buckets=4)
+    assert list(one) == ["lm", "regress", "seg"] == list(four)
+    for name in one:
+        assert torch.allclose(one[name], four[name], rtol=1e-4, atol=1e-6), name
