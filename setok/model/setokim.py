@@ -159,7 +159,12 @@ class Setokim(nn.Module):
         out = {}
         sup = batch.supervised[:, 1:]  # (S, L-1): predict t from the prefix up to t-1
         if sup.any():
-            out["lm"] = (F.cross_entropy(logits[:, :-1][sup], batch.ids[:, 1:][sup], reduction="sum"), int(sup.sum()))
+            # Each sequence weighs the same, not each token: per token, a 40-word caption outweighs
+            # a one-word answer 20:1 and VQA, the slowest task to learn, got ~8 % of the gradient.
+            ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch.ids[:, 1:].clamp_min(0), reduction="none")  # (S, L-1)
+            per_seq = (ce * sup).sum(1) / sup.sum(1).clamp_min(1)  # (S,)
+            rows = sup.any(1)
+            out["lm"] = (per_seq[rows].sum(), int(rows.sum()))
         rows = [i for i, s in enumerate(batch.seqs) if s.targets is not None]
         if rows:
             slots = batch.ids[rows] == self.ids[T.TARGET]  # (R, L)

@@ -196,3 +196,22 @@ def test_bucketed_losses_equal_one_padded_batch(tiny_ckpt):
     assert list(one) == ["lm", "regress", "seg"] == list(four)
     for name in one:
         assert torch.allclose(one[name], four[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_generation_targets_follow_the_caption_then_background():
+    from setok.model.losses import patch_labels
+    from setok.train import generation_order
+
+    it = next(it for it in eval_items(40, seed=3) if it.num_objects >= 3)
+    labels = patch_labels(torch.from_numpy(it.instance_mask)[None], 4)[0]  # (N,)
+    # Clusters = the instances, numbered in raster order of first patch (as DPC numbers them),
+    # with the background split in two halves so there are several background tokens.
+    region = torch.where(labels > 0, labels, torch.where(torch.arange(labels.numel()) < labels.numel() // 2, -1, -2))
+    firsts = sorted({int(r): i for i, r in reversed(list(enumerate(region.tolist())))}.items(), key=lambda kv: kv[1])
+    token_of = {r: t for t, (r, _) in enumerate(firsts)}
+    assignment = torch.tensor([token_of[int(r)] for r in region])
+    order = generation_order(it, assignment, len(firsts), 4).tolist()
+    owners = [firsts[t][0] for t in order]
+    assert owners[: it.num_objects] == list(range(1, it.num_objects + 1))  # caption order
+    assert owners[it.num_objects :] == [-1, -2]  # background last, raster order
+    assert owners != [r for r, _ in firsts]  # raster order alone would differ here
