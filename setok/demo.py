@@ -98,7 +98,7 @@ def show_scenes(ckpt: Path, png: Path, echo: Callable[[str], None], count: int =
     rows = []
     for i, it in enumerate(items):
         tokens_map = PALETTE[assignment[i]].reshape(cfg.grid, cfg.grid, 3)
-        mask = token_mask_pixels(assignment[i], selected[i].numpy(), cfg.grid, cfg.patch_size)
+        mask = token_mask_pixels(assignment[i], selected[i].numpy(), it.image, cfg.grid, cfg.patch_size)
         tiles = [it.image, _up(tokens_map, cfg.patch_size), _u8(recon[i]), _u8(gen[i]),
                  np.repeat(mask[..., None] * 255, 3, -1).astype(np.uint8)]
         rows.append(np.concatenate([_up(t, 4) for t in tiles], 1))

@@ -20,6 +20,7 @@ from setok.model.encoder import preprocess
 from setok.model.layers import patchify, sincos_2d
 from setok.model.losses import patch_labels
 from setok.model.setokim import Setokim
+from setok.runtime.masks import pixel_owners
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,14 @@ def to_unit(x: torch.Tensor) -> np.ndarray:
     return (x * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def token_mask_pixels(assignment: np.ndarray, selected: np.ndarray, grid: int, patch: int) -> np.ndarray:
-    """Union of the selected tokens' clusters, (N,) ids + (K,) bool -> (H, W) bool."""
+def token_mask_pixels(assignment: np.ndarray, selected: np.ndarray, pixels: np.ndarray, grid: int, patch: int) -> np.ndarray:
+    """Union of the selected tokens' clusters at pixel resolution: (N,) ids, (K,) bool and the
+    (H, W, 3) image -> (H, W) bool (see setok/runtime/masks.py)."""
+    return selected[pixel_owners(assignment, pixels, grid, patch, len(selected))]
+
+
+def patch_mask_pixels(assignment: np.ndarray, selected: np.ndarray, grid: int, patch: int) -> np.ndarray:
+    """The same at patch resolution (4x4-pixel steps): reported as refseg_miou_patch."""
     patches = selected[assignment].reshape(grid, grid)
     return np.kron(patches, np.ones((patch, patch), dtype=bool)).astype(bool)
 
@@ -82,7 +89,7 @@ def evaluate_batch(model: Setokim, items: list[TrainItem]) -> dict[str, list[flo
         "caption_exact": [float(c == it.caption) for c, it in zip(captions, items)],
     }
     out["vqa_accuracy"] = _vqa(model, tokens, counts, items)
-    out["refseg_miou"] = _refseg(model, tokens, counts, assignment, items)
+    out["refseg_miou"], out["refseg_miou_patch"] = _refseg(model, tokens, counts, assignment, items, truth)
     return out
 
 
@@ -93,13 +100,17 @@ def _vqa(model: Setokim, tokens, counts, items: list[TrainItem]) -> list[float]:
     return [float(p == a) for p, (_, _, a) in zip(answers, idx)]
 
 
-def _refseg(model: Setokim, tokens, counts, assignment: np.ndarray, items: list[TrainItem]) -> list[float]:
+def _refseg(model: Setokim, tokens, counts, assignment: np.ndarray, items: list[TrainItem],
+            pixels: np.ndarray) -> tuple[list[float], list[float]]:
     cfg = model.cfg.encoder
     idx = [(i, e, m) for i, it in enumerate(items) for e, m in it.referring]
     rows = torch.tensor([i for i, _, _ in idx])
     selections = model.segment_tokens(tokens[rows], counts[rows], [e for _, e, _ in idx])
-    return [iou(token_mask_pixels(assignment[i], sel.numpy(), cfg.grid, cfg.patch_size), m)
+    fine = [iou(token_mask_pixels(assignment[i], sel.numpy(), pixels[i], cfg.grid, cfg.patch_size), m)
             for sel, (i, _, m) in zip(selections, idx)]
+    coarse = [iou(patch_mask_pixels(assignment[i], sel.numpy(), cfg.grid, cfg.patch_size), m)
+              for sel, (i, _, m) in zip(selections, idx)]
+    return fine, coarse
 
 
 def pixel_features(px: torch.Tensor, cfg) -> torch.Tensor:
@@ -147,6 +158,8 @@ def evaluate_item(pipe, it: TrainItem, cfg) -> dict[str, list[float]]:
     truth = it.image.astype(np.float64) / 255.0
     gen = pipe.generate_image(it.caption).image.astype(np.float64) / 255.0
     recon = pipe.reconstruct(vt).astype(np.float64) / 255.0
+    segs = [(pipe.segment(vt, e), m) for e, m in it.referring]
+    enc = cfg.encoder
     return {
         "fg_ari": [fg_ari(vt.assignment, labels)],
         "tokens": [vt.num_tokens],
@@ -156,7 +169,8 @@ def evaluate_item(pipe, it: TrainItem, cfg) -> dict[str, list[float]]:
         "gen_psnr": [psnr(gen, truth)],
         "caption_exact": [float(pipe.caption(vt).text == it.caption)],
         "vqa_accuracy": [float(pipe.answer(vt, q).text == a) for q, a in it.qa],
-        "refseg_miou": [iou(pipe.segment(vt, e).mask, m) for e, m in it.referring],
+        "refseg_miou": [iou(seg.mask, m) for seg, m in segs],
+        "refseg_miou_patch": [iou(patch_mask_pixels(vt.assignment, seg.selected, enc.grid, enc.patch_size), m) for seg, m in segs],
     }
 
 

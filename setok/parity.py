@@ -141,7 +141,7 @@ def _end_to_end(model, pipe, rgb: np.ndarray, rows: dict) -> None:
     expr = "the object at center"
     sel = model.segment_tokens(tokens, counts, [expr])[0].numpy()
     cfg = model.cfg.encoder
-    ref_mask = token_mask_pixels(vt.clusters.assignment[0].numpy(), sel, cfg.grid, cfg.patch_size)
+    ref_mask = token_mask_pixels(vt.clusters.assignment[0].numpy(), sel, rgb, cfg.grid, cfg.patch_size)
     rows["mask_iou"].append(iou(ref_mask, pipe.segment(ort_tokens, expr).mask))
     gen_t, gen_c = model.generate_tokens([caption or "a red circle"])
     ref_img = to_unit(model.vision.detokenizer(gen_t, gen_c))[0]

@@ -19,6 +19,7 @@ from setok import manifest as M
 from setok.errors import InputError
 from setok.runtime.backend import OrtBackend
 from setok.runtime.decode import Decoder, HostDecoder, empty_past, position_feeds
+from setok.runtime.masks import pixel_owners, token_masks
 from setok.runtime.preprocess import normalize, to_rgb_array
 
 log = logging.getLogger(__name__)
@@ -156,12 +157,13 @@ class Pipeline:
                 raise M.BundleError(f"{cluster_stage}: num_tokens={k} for {feats.shape[1]} patches: the cluster engine's "
                                     "kernel was built for fewer patches; rebuild the engines with `setok build`")
             assignment = c[M.ASSIGNMENT][i]
-            out.append(Tokens(tokens[i, :k], assignment, c[M.CENTERS][i, :k], self.token_masks(assignment, k), dict(t)))
+            masks = self._pixel_masks(assignment, k, to_unit_rgb(px[i], self.manifest.preprocessing))
+            out.append(Tokens(tokens[i, :k], assignment, c[M.CENTERS][i, :k], masks, dict(t)))
         return out
 
-    def token_masks(self, assignment: np.ndarray, k: int) -> np.ndarray:
-        grid = (assignment.reshape(self.grid, self.grid)[None] == np.arange(k)[:, None, None])  # (K, G, G)
-        return grid.repeat(self.patch, 1).repeat(self.patch, 2)  # (K, H, W)
+    def _pixel_masks(self, assignment: np.ndarray, k: int, pixels: np.ndarray) -> np.ndarray:
+        """(K, H, W): each token's cluster at pixel resolution (borders follow colour edges)."""
+        return token_masks(pixel_owners(assignment, pixels, self.grid, self.patch, k), k)
 
     # ---- language ---------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -407,10 +409,15 @@ def _check_text(text: Any, what: str) -> str:
     return text.strip()
 
 
+def to_unit_rgb(chw: np.ndarray, pre: dict) -> np.ndarray:
+    """Normalised (3, H, W) -> (H, W, 3) RGB in [0, 1] (what token masks compare colours in)."""
+    x = chw * np.asarray(pre["std"], np.float32)[:, None, None] + np.asarray(pre["mean"], np.float32)[:, None, None]
+    return x.transpose(1, 2, 0)
+
+
 def to_uint8(chw: np.ndarray, pre: dict) -> np.ndarray:
     """Normalised (3, H, W) -> (H, W, 3) uint8."""
-    x = chw * np.asarray(pre["std"], np.float32)[:, None, None] + np.asarray(pre["mean"], np.float32)[:, None, None]
-    return (np.clip(x, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    return (np.clip(to_unit_rgb(chw, pre), 0, 1) * 255).round().astype(np.uint8)
 
 
 def _load_tokenizer(path: Path):

@@ -1,0 +1,46 @@
+"""Token masks at pixel resolution: numpy only, shared by the runtime and the evaluation."""
+
+import numpy as np
+import torch
+
+from setok.data.items import eval_items
+from setok.eval.metrics import iou
+from setok.model.losses import patch_labels
+from setok.runtime.masks import pixel_owners, token_masks
+
+
+def _instance_clusters(it):
+    """Perfect clusters: one token per instance (and one for the background), at patch level."""
+    labels = patch_labels(torch.from_numpy(it.instance_mask)[None], 4)[0].numpy()  # (N,)
+    _, assignment = np.unique(labels, return_inverse=True)
+    return labels, assignment
+
+
+def test_pixel_masks_follow_object_borders_inside_patches():
+    fine, coarse = [], []
+    for it in eval_items(30, seed=4):
+        labels, assignment = _instance_clusters(it)
+        k = int(assignment.max()) + 1
+        owners = pixel_owners(assignment, it.image, 16, 4, k)
+        masks = token_masks(owners, k)
+        assert masks.shape == (k, 64, 64) and np.all(masks.sum(0) == 1)  # each pixel owned once
+        ids = np.unique(labels)
+        for t, inst in enumerate(ids):
+            if inst == 0:
+                continue
+            patch_mask = np.kron((assignment == t).reshape(16, 16), np.ones((4, 4), bool))
+            fine.append(iou(masks[t], it.instance_mask == inst))
+            coarse.append(iou(patch_mask, it.instance_mask == inst))
+    assert np.mean(fine) > 0.9 > np.mean(coarse) + 0.1, (np.mean(fine), np.mean(coarse))
+
+
+def test_a_pixel_only_moves_to_a_cluster_next_to_its_patch():
+    rng = np.random.default_rng(0)
+    assignment = np.zeros(16, np.int64)
+    assignment[15] = 1  # one patch in the corner of a 4x4 grid
+    pixels = np.zeros((16, 16, 3))
+    pixels[:4, :4] = 1.0  # far corner looks like cluster 1's colour...
+    pixels[12:, 12:] = 1.0 + 0.01 * rng.standard_normal((4, 4, 3))
+    owners = pixel_owners(assignment, pixels, 4, 4, 2)
+    assert np.all(owners[:4, :4] == 0)  # ...but cluster 1 is not in its neighbourhood
+    assert np.all(owners[12:, 12:] == 1)
