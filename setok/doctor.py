@@ -53,7 +53,7 @@ def _gpu() -> str | None:
         return None
     import subprocess
 
-    out = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"], capture_output=True, text=True)
+    out = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"], check=False, capture_output=True, text=True)
     return out.stdout.strip() or None
 
 

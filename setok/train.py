@@ -121,8 +121,8 @@ def _load_state(opts: TrainOptions) -> dict | None:
 
 
 class Trainer:
-    def __init__(self, model: Setokim, opts: TrainOptions, stream, state: dict, dist: Dist = Dist()):
-        self.model, self.opts, self.stream, self.state, self.dist = model, opts, stream, state, dist
+    def __init__(self, model: Setokim, opts: TrainOptions, stream, state: dict, dist: Dist | None = None):
+        self.model, self.opts, self.stream, self.state, self.dist = model, opts, stream, state, dist or Dist()
         self.cfg: SetokimConfig = model.cfg
         self.steps = stage_steps(opts)
         self.batch = opts.batch_size or PRESET_BATCH[opts.preset]

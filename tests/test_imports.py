@@ -26,7 +26,7 @@ print(len(names))
 
 
 def test_every_module_imports():
-    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", CHECK], check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(proc.stdout) > 30
 

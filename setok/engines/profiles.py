@@ -198,7 +198,8 @@ class KvPlan:
 
     @classmethod
     def from_entry(cls, entry) -> KvPlan:
-        from setok.runtime.decode import past_specs  # numpy-only; one definition of the cache names
+        # numpy-only; one definition of the cache names
+        from setok.runtime.decode import past_specs
 
         past = past_specs(entry)
         if not past:

@@ -92,5 +92,5 @@ def test_polygraphy_runs_every_stage(tiny_bundle, name):
     entry = m.stage(name)
     args = [] if name in ("encoder", "cluster") else ["--input-shapes", *_polygraphy_shapes(entry, m.config)]
     proc = subprocess.run([shutil.which("polygraphy") or "polygraphy", "run", str(tiny_bundle / entry.file), "--onnxrt", *args],
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     assert proc.returncode == 0 and "PASSED" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]

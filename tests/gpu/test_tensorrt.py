@@ -181,7 +181,7 @@ def test_bench_on_engines(engines, tmp_path):
 
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "setok.cli", "bench", str(engines), "--backend", "tensorrt",
-                           "--n", "5", "--warmup", "2", "--batch", "2", "--json", str(out)], capture_output=True, text=True)
+                           "--n", "5", "--warmup", "2", "--batch", "2", "--json", str(out)], check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     target = json.loads(out.read_text())["targets"][0]
     assert target["name"].startswith("tensorrt:") and target["e2e_median_ms"] > 0 and target["batch"]["size"] == 2

@@ -55,7 +55,7 @@ def test_tokenize_matches_torch_and_masks_partition_the_image(pipe, model, scene
 
 def test_llm_sees_exactly_num_tokens(pipe, scenes):
     vt = pipe.tokenize(scenes[0].image)
-    embeds, first = pipe._image_prefix(vt, "caption")
+    embeds, _ = pipe._image_prefix(vt, "caption")
     prompt = len(pipe._encode("caption"))
     assert embeds.shape[1] == 2 + vt.num_tokens + 1 + prompt
 
