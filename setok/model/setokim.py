@@ -134,7 +134,7 @@ class Setokim(nn.Module):
 
     # ---- training losses -------------------------------------------------------------------
     def losses(self, seqs: list[Sequence], buckets: int = 4) -> dict[str, Tensor]:
-        """Mean LM / regression / segmentation losses over `seqs`.
+        """Mean LM (per sequence, then over sequences) / regression / segmentation losses.
 
         Sequences are sorted by length and run in `buckets` groups, each padded only to its own
         longest: a caption (~60 ids) and a question (~20) in one padded batch waste most of the
