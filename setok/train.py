@@ -135,21 +135,21 @@ class Trainer:
     def _optimizer(self, stage: int) -> torch.optim.Optimizer:
         if stage == 1:
             params = list(self.model.vision.parameters()) + list(self.concept.parameters())
-        else:
-            self.model.vision.requires_grad_(False)
-            frozen = ("vision.encoder.",) if self.opts.tune_merger else ("vision.",)
-            if self.opts.tune_merger:
-                self.model.vision.merger.requires_grad_(True)
-                self.model.vision.detokenizer.requires_grad_(True)
-            named = [(n, p) for n, p in self.model.named_parameters() if not n.startswith(frozen)]
-            merger = [p for n, p in named if n.startswith("vision.merger.")]
-            rest = [p for n, p in named if not n.startswith("vision.merger.")]
-            # The merger learns 10x slower in stage 2: through a still-random LLM its gradients are
-            # noise, and at the full rate they erased what stage 1 taught (an MLP probe of object
-            # shape from a token fell from 0.70 to 0.50 over stage 2; captions lost shapes).
-            groups = [{"params": rest, "scale": 1.0}] + ([{"params": merger, "scale": MERGER_LR_SCALE}] if merger else [])
-            return torch.optim.AdamW(groups, lr=self.lr, weight_decay=0.01)
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
+        self.model.vision.requires_grad_(False)
+        frozen = ("vision.encoder.",) if self.opts.tune_merger else ("vision.",)
+        if self.opts.tune_merger:
+            self.model.vision.merger.requires_grad_(True)
+            self.model.vision.detokenizer.requires_grad_(True)
+        groups: dict[bool, list] = {False: [], True: []}  # is a merger parameter -> parameters
+        for n, p in self.model.named_parameters():
+            if not n.startswith(frozen):
+                groups[n.startswith("vision.merger.")].append(p)
+        # The merger learns 10x slower in stage 2: through a still-random LLM its gradients are
+        # noise, and at the full rate they erased what stage 1 taught (an MLP probe of object
+        # shape from a token fell from 0.70 to 0.50 over stage 2; captions lost shapes).
+        param_groups = [{"params": groups[False], "scale": 1.0}, {"params": groups[True], "scale": MERGER_LR_SCALE}]
+        return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=self.lr, weight_decay=0.01)
 
     def run(self) -> None:
         from tqdm.auto import tqdm
@@ -350,7 +350,8 @@ def generation_order(it: TrainItem, assignment: torch.Tensor, k: int, patch: int
     if it.instance_mask is None:
         return torch.arange(k)
     labels = patch_labels(torch.from_numpy(it.instance_mask)[None], patch)[0]  # (N,)
-    owner = [int(torch.bincount(labels[assignment == t]).argmax()) if (assignment == t).any() else 0 for t in range(k)]
+    votes = torch.zeros(k, int(labels.max()) + 1).index_put_((assignment, labels), torch.ones(()), accumulate=True)  # (K, M+1)
+    owner = votes.argmax(1).tolist()  # majority instance of each token (0 = background)
     key = [(o == 0, o, t) for t, o in enumerate(owner)]  # background last; ties keep raster order
     return torch.tensor(sorted(range(k), key=key.__getitem__))
 

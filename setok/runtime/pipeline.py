@@ -157,13 +157,11 @@ class Pipeline:
                 raise M.BundleError(f"{cluster_stage}: num_tokens={k} for {feats.shape[1]} patches: the cluster engine's "
                                     "kernel was built for fewer patches; rebuild the engines with `setok build`")
             assignment = c[M.ASSIGNMENT][i]
-            masks = self._pixel_masks(assignment, k, to_unit_rgb(px[i], self.manifest.preprocessing))
+            # each token's cluster at pixel resolution (borders follow colour edges)
+            owners = pixel_owners(assignment, to_unit_rgb(px[i], self.manifest.preprocessing), self.grid, self.patch, k)
+            masks = token_masks(owners, k)
             out.append(Tokens(tokens[i, :k], assignment, c[M.CENTERS][i, :k], masks, dict(t)))
         return out
-
-    def _pixel_masks(self, assignment: np.ndarray, k: int, pixels: np.ndarray) -> np.ndarray:
-        """(K, H, W): each token's cluster at pixel resolution (borders follow colour edges)."""
-        return token_masks(pixel_owners(assignment, pixels, self.grid, self.patch, k), k)
 
     # ---- language ---------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
