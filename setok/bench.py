@@ -79,7 +79,7 @@ class TorchTarget:
             tokens = m.vision.merger(feats, c.assignment, c.num_tokens)
         k = int(c.num_tokens[0])
         with timed(t, "llm_prefill"):  # projector + prefill + decode, as Setokim.greedy runs them
-            seq = m.image_prefix(tokens[0, :k]).add(m.encode_text(QUESTION_PROMPT.format(q=QUESTION)))
+            seq = m.prompt(tokens[0, :k], QUESTION_PROMPT, q=QUESTION)
             ids = m.greedy([seq], max_new_tokens)[0]
         return t, len(ids), k
 
@@ -91,8 +91,7 @@ class TorchTarget:
 
         m = self.model
         vt = m.vision(preprocess(torch.from_numpy(np.stack(images))))
-        prompt = m.encode_text(QUESTION_PROMPT.format(q=QUESTION))
-        seqs = [m.image_prefix(vt.tokens[i, : int(k)]).add(prompt) for i, k in enumerate(vt.clusters.num_tokens)]
+        seqs = [m.prompt(vt.tokens[i, : int(k)], QUESTION_PROMPT, q=QUESTION) for i, k in enumerate(vt.clusters.num_tokens)]
         m.greedy(seqs, max_new_tokens)
 
 

@@ -26,6 +26,8 @@ EMBEDS = "embeds"
 HIDDEN = "hidden"
 QUERY_HIDDEN, TOKEN_HIDDEN, SEG_LOGITS = "query_hidden", "token_hidden", "seg_logits"
 IMAGE = "image"
+# Prompt templates (manifest `text.prompts`) mark where the vision tokens go with this slot.
+IMAGE_SLOT = "{image}"
 
 
 class BundleError(InputError):
@@ -96,6 +98,19 @@ class Manifest:
 
     def write(self, bundle: Path) -> None:
         (Path(bundle) / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def split_prompt(template: str, **fields: str) -> tuple[str, str]:
+    """A prompt template -> (text before the vision tokens, text after them), fields filled in.
+
+    Text before the image lets the LLM read the vision tokens already knowing the question: in
+    a causal decoder, tokens placed first can never attend to what follows them. A template
+    without the slot (bundles written before it existed) puts the image first.
+    """
+    before, slot, after = template.partition(IMAGE_SLOT)
+    if not slot:
+        before, after = "", template
+    return before.format(**fields).strip(), after.format(**fields).strip()
 
 
 def sha256(path: Path) -> str:

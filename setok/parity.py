@@ -95,7 +95,7 @@ def _llm(model, pipe, vision: torch.Tensor, rows: dict) -> None:
     """Teacher-forced: the same caption-task embeddings through both LLMs, token by token."""
     from setok.model.setokim import CAPTION_PROMPT
 
-    seq = model.image_prefix(vision).add(model.encode_text(CAPTION_PROMPT))
+    seq = model.prompt(vision, CAPTION_PROMPT)
     batch = model.collate([seq])
     logits, hidden = model.hidden(batch)
     feeds = {"inputs_embeds": batch.embeds.numpy(), "attention_mask": batch.attention_mask.numpy(),

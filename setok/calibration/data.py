@@ -130,17 +130,17 @@ def _vision_feeds(pipe, px: np.ndarray, s: Sample, feeds: dict, need_llm: bool) 
 def _language_feeds(pipe, vt, s: Sample, feeds: dict) -> None:
     prompts = pipe.prompts
     # Teacher forcing: the caption / answer text after the prompt is what the LLM reads in training.
-    seqs = [(prompts["caption"], s.caption)]
+    seqs = [(prompts["caption"], {}, s.caption)]
     if s.question:
-        seqs.append((prompts["question"].format(q=s.question), s.answer))
-    for prompt, follow in seqs:
-        embeds, _ = pipe._image_prefix(vt, prompt)
+        seqs.append((prompts["question"], {"q": s.question}, s.answer))
+    for template, fields, follow in seqs:
+        embeds, _ = pipe._prompt(vt, template, **fields)
         if follow:
             embeds = np.concatenate([embeds, _embed(pipe, pipe._encode(" " + follow))], axis=1)
         _llm_run(pipe, embeds, feeds)
     expr = s.expression or s.caption
     if expr and "seg_head" in feeds:
-        embeds, first = pipe._image_prefix(vt, prompts["refer"].format(e=expr))
+        embeds, first = pipe._prompt(vt, prompts["refer"], e=expr)
         hidden = _llm_run(pipe, embeds, feeds)
         _add(feeds, "seg_head", {M.QUERY_HIDDEN: np.ascontiguousarray(hidden[:, -1]),
                                  M.TOKEN_HIDDEN: np.ascontiguousarray(hidden[:, first:first + vt.num_tokens])})

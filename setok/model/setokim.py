@@ -3,10 +3,15 @@
 slots (text -> image) and a segmentation head that scores vision tokens for an expression.
 
 Sequences (one per image and task):
-  caption  <bos> <im_start> V.. <im_end> caption        -> caption <eos>
-  answer   <bos> <im_start> V.. <im_end> question Q answer -> A <eos>
-  refer    <bos> <im_start> V.. <im_end> find E        (last hidden state scores each V)
+  caption  <bos> <im_start> V.. <im_end> caption           -> caption <eos>
+  answer   <bos> question Q <im_start> V.. <im_end> answer -> A <eos>
+  refer    <bos> find E <im_start> V.. <im_end>            (last hidden state scores each V)
   generate <bos> draw CAPTION -> <im_start> <target>.. <im_end> <eos>  (hidden at <target> -> V)
+
+The question (and the expression) come before the image so that every vision token is read
+knowing what is asked: with the question after the image, a 4-layer LLM must find the object
+named in the question and compare it with another in the few layers left after reading it
+(colour-of-shape 0.64, left-of 0.41 on held-out scenes).
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from torch import Tensor, nn
 from setok.config import SetokimConfig
 from setok.errors import CheckpointError
 from setok.io import atomic_dir
+from setok.manifest import split_prompt
 from setok.model import text as T
 from setok.model.vision import VisionTokenizer
 
-CAPTION_PROMPT = "caption"
-QUESTION_PROMPT = "question {q} answer"
-REFER_PROMPT = "find {e}"
+# Templates; {image} is where the vision tokens go (see setok.manifest.split_prompt).
+CAPTION_PROMPT = "{image} caption"
+QUESTION_PROMPT = "question {q} {image} answer"
+REFER_PROMPT = "find {e} {image}"
 DRAW_PROMPT = "draw {c}"
 
 
@@ -75,6 +82,29 @@ def build_llm(cfg: SetokimConfig, vocab_size: int, tok) -> nn.Module:
     return LlamaForCausalLM(conf)
 
 
+class Projector(nn.Module):
+    """Vision token (D) -> LLM width. A token's dims 0-1 are its centroid (x, y) (see Merger);
+    they also enter on their own path, centred and scaled, with sin/cos features: as 2 of D
+    plain inputs in [0, 1] the LLM did not learn to read x (left-of questions at chance, 0.48,
+    while above-questions, answerable from the tokens' raster order, reached 0.76). The path
+    starts at zero so it adds position only as fast as it is useful."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.register_buffer("freqs", torch.pi * torch.tensor([0.5, 1.0, 2.0, 4.0]), persistent=False)
+        self.where = nn.Linear(2 + 4 * self.freqs.numel(), hidden)
+        nn.init.zeros_(self.where.weight)
+        nn.init.zeros_(self.where.bias)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(K, D) -> (K, H)."""
+        xy = tokens[:, :2]  # (K, 2)
+        phase = xy[:, :, None] * self.freqs  # (K, 2, F)
+        code = torch.cat([4.0 * (xy - 0.5), phase.sin().flatten(1), phase.cos().flatten(1)], -1)  # (K, 2 + 4F)
+        return self.mlp(tokens) + self.where(code)
+
+
 class Setokim(nn.Module):
     def __init__(self, cfg: SetokimConfig, tokenizer):
         super().__init__()
@@ -84,7 +114,7 @@ class Setokim(nn.Module):
         self.llm = build_llm(cfg, len(tokenizer), tokenizer)
         hidden = self.llm.config.hidden_size
         d = cfg.merger.token_dim
-        self.projector = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.projector = Projector(d, hidden)
         self.regress = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d))
         self.seg_query = nn.Linear(hidden, hidden)
         self.seg_key = nn.Linear(hidden, hidden)
@@ -94,11 +124,12 @@ class Setokim(nn.Module):
     def encode_text(self, s: str) -> list[int]:
         return self.tok(s, add_special_tokens=False)["input_ids"]
 
-    def image_prefix(self, vision: Tensor) -> Sequence:
-        """<bos> <im_start> V.. <im_end>: exactly num_tokens vision slots, never padding."""
-        k = vision.shape[0]
-        s = Sequence(vision=vision)
-        return s.add([self.ids[T.BOS], self.ids[T.IM_START]] + [-1] * k + [self.ids[T.IM_END]])
+    def prompt(self, vision: Tensor, template: str, **fields: str) -> Sequence:
+        """<bos> before <im_start> V.. <im_end> after: exactly num_tokens vision slots, never padding."""
+        before, after = split_prompt(template, **fields)
+        image = [self.ids[T.IM_START]] + [-1] * vision.shape[0] + [self.ids[T.IM_END]]
+        ids = [self.ids[T.BOS]] + self.encode_text(before) + image + self.encode_text(after)
+        return Sequence(vision=vision).add(ids)
 
     def generation_prefix(self, caption: str) -> Sequence:
         return Sequence().add([self.ids[T.BOS]] + self.encode_text(DRAW_PROMPT.format(c=caption)))
@@ -224,21 +255,18 @@ class Setokim(nn.Module):
 
     @torch.no_grad()
     def caption(self, tokens: Tensor, num_tokens: Tensor, max_new_tokens: int = 64) -> list[str]:
-        seqs = [self.image_prefix(tokens[i, : num_tokens[i]]).add(self.encode_text(CAPTION_PROMPT))
-                for i in range(tokens.shape[0])]
+        seqs = [self.prompt(tokens[i, : num_tokens[i]], CAPTION_PROMPT) for i in range(tokens.shape[0])]
         return [self.decode(ids) for ids in self.greedy(seqs, max_new_tokens)]
 
     @torch.no_grad()
     def answer(self, tokens: Tensor, num_tokens: Tensor, questions: list[str], max_new_tokens: int = 8) -> list[str]:
-        seqs = [self.image_prefix(tokens[i, : num_tokens[i]]).add(self.encode_text(QUESTION_PROMPT.format(q=q)))
-                for i, q in enumerate(questions)]
+        seqs = [self.prompt(tokens[i, : num_tokens[i]], QUESTION_PROMPT, q=q) for i, q in enumerate(questions)]
         return [self.decode(ids) for ids in self.greedy(seqs, max_new_tokens)]
 
     @torch.no_grad()
     def segment_tokens(self, tokens: Tensor, num_tokens: Tensor, expressions: list[str]) -> list[Tensor]:
         """Per image, a bool (K,) selection of the vision tokens the expression refers to."""
-        seqs = [self.image_prefix(tokens[i, : num_tokens[i]]).add(self.encode_text(REFER_PROMPT.format(e=e)))
-                for i, e in enumerate(expressions)]
+        seqs = [self.prompt(tokens[i, : num_tokens[i]], REFER_PROMPT, e=e) for i, e in enumerate(expressions)]
         batch = self.collate(seqs)
         _, hidden = self.hidden(batch)
         return [self.seg_logits(batch, hidden, i) > 0 for i in range(len(seqs))]

@@ -167,20 +167,22 @@ class Pipeline:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def _image_prefix(self, vt: Tokens, prompt: str) -> tuple[np.ndarray, int]:
-        """Embeddings of <bos> <im_start> V.. <im_end> prompt: exactly num_tokens vision slots."""
+    def _prompt(self, vt: Tokens, template: str, **fields: str) -> tuple[np.ndarray, int]:
+        """Embeddings of <bos> before <im_start> V.. <im_end> after (the manifest's prompt template
+        filled in): exactly num_tokens vision slots. Returns them and the first vision slot."""
         t = vt.timings
         with timed(t, "projector"):
             vision = self.stage("projector").run({M.VISION_TOKENS: vt.tokens.astype(np.float32)})[M.EMBEDS]
-        head = self.embeddings[[self.ids["<bos>"], self.ids["<im_start>"]]]
-        tail = self.embeddings[[self.ids["<im_end>"]] + self._encode(prompt)]
-        return np.concatenate([head, vision, tail])[None], 2  # (1, L, H), first vision slot
+        before, after = M.split_prompt(template, **fields)
+        head = self.embeddings[[self.ids["<bos>"]] + self._encode(before) + [self.ids["<im_start>"]]]
+        tail = self.embeddings[[self.ids["<im_end>"]] + self._encode(after)]
+        return np.concatenate([head, vision, tail])[None], len(head)  # (1, L, H), first vision slot
 
     def caption(self, image: Any, max_new_tokens: int = 64, deadline: float | None = None, **sampling) -> Text:
         """Describe the image. `deadline` (seconds from now) returns what was decoded by then."""
         due = _due(deadline)
         vt = self._as_tokens(image)
-        embeds, _ = self._image_prefix(vt, self.prompts["caption"])
+        embeds, _ = self._prompt(vt, self.prompts["caption"])
         return self._complete(embeds, vt.timings, max_new_tokens, due, **sampling)
 
     def answer(self, image: Any, question: str, max_new_tokens: int = 8, deadline: float | None = None, **sampling) -> Text:
@@ -188,7 +190,7 @@ class Pipeline:
         due = _due(deadline)
         question = _check_text(question, "question")
         vt = self._as_tokens(image)
-        embeds, _ = self._image_prefix(vt, self.prompts["question"].format(q=question))
+        embeds, _ = self._prompt(vt, self.prompts["question"], q=question)
         return self._complete(embeds, vt.timings, max_new_tokens, due, **sampling)
 
     def answer_batch(self, images: list, questions: list[str], max_new_tokens: int = 8) -> list[Text]:
@@ -201,7 +203,7 @@ class Pipeline:
         vts = list(images)
         for i, vt in zip(raw, self.tokenize_batch([images[i] for i in raw]) if raw else []):
             vts[i] = vt
-        prompts = [self._image_prefix(vt, self.prompts["question"].format(q=q))[0][0] for vt, q in zip(vts, questions)]
+        prompts = [self._prompt(vt, self.prompts["question"], q=q)[0][0] for vt, q in zip(vts, questions)]
         t: dict[str, float] = {}
         ids = self._greedy_batch(prompts, max_new_tokens, t)
         return [Text(self.tokenizer.decode(x, skip_special_tokens=True).strip(), x, {**vt.timings, **t})
@@ -238,8 +240,10 @@ class Pipeline:
     def stream(self, image: Any, question: str | None = None, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
         """Yield text pieces as they are decoded (a caption, or the answer to `question`)."""
         vt = self._as_tokens(image)
-        prompt = self.prompts["caption"] if question is None else self.prompts["question"].format(q=_check_text(question, "question"))
-        embeds, _ = self._image_prefix(vt, prompt)
+        if question is None:
+            embeds, _ = self._prompt(vt, self.prompts["caption"])
+        else:
+            embeds, _ = self._prompt(vt, self.prompts["question"], q=_check_text(question, "question"))
         ids: list[int] = []
         text = ""
         for tok, _ in self._decode(embeds, vt.timings, max_new_tokens, **sampling):
@@ -287,7 +291,7 @@ class Pipeline:
     def segment(self, image: Any, expression: str) -> Mask:
         expression = _check_text(expression, "expression")
         vt = self._as_tokens(image)
-        embeds, first = self._image_prefix(vt, self.prompts["refer"].format(e=expression))
+        embeds, first = self._prompt(vt, self.prompts["refer"], e=expression)
         t = vt.timings
         with timed(t, "llm_prefill"):
             out = self._llm(embeds)

@@ -53,6 +53,15 @@ def preprocess(image: np.ndarray, size: int, mean: list[float], std: list[float]
     return (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
 
 
+def split_prompt(template: str, **fields: str) -> tuple[str, str]:
+    """As setok.manifest.split_prompt (a test keeps them in step): {image} marks where the vision
+    tokens go; a template without it puts the image first."""
+    before, slot, after = template.partition("{image}")
+    if not slot:
+        before, after = "", template
+    return before.format(**fields).strip(), after.format(**fields).strip()
+
+
 def _resize_crop(image: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image  # lazy: a size x size image needs no resize and no Pillow
 
@@ -78,8 +87,7 @@ class SetokPipeline:
         if not question:
             raise RequestError("QUESTION: empty; expected a non-empty string")
         vision = self.vision_tokens(preprocess(image, self.s["size"], self.s["mean"], self.s["std"]))
-        prompt = self.s["question_prompt"].format(q=question)
-        embeds = self.prefix(vision, prompt)
+        embeds = self.prefix(vision, *split_prompt(self.s["question_prompt"], q=question))
         ids = self.decode(embeds, max_new_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip(), int(vision.shape[0])
 
@@ -92,13 +100,15 @@ class SetokPipeline:
         k = int(c[NUM_TOKENS][0])
         return merged[0, :k]
 
-    def prefix(self, vision: np.ndarray, prompt: str) -> np.ndarray:
-        """Embeddings of <bos> <im_start> V.. <im_end> prompt as (1, L, H) float32."""
+    def prefix(self, vision: np.ndarray, before: str, after: str) -> np.ndarray:
+        """Embeddings of <bos> before <im_start> V.. <im_end> after as (1, L, H) float32."""
         projected = self.call("projector", {VISION_TOKENS: np.ascontiguousarray(vision, np.float32)}, [EMBEDS])[EMBEDS]
-        head = self.embeddings[[self.ids["<bos>"], self.ids["<im_start>"]]]
-        text = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        tail = self.embeddings[[self.ids["<im_end>"]] + list(text)]
+        head = self.embeddings[[self.ids["<bos>"]] + self.encode(before) + [self.ids["<im_start>"]]]
+        tail = self.embeddings[[self.ids["<im_end>"]] + self.encode(after)]
         return np.concatenate([head, projected, tail])[None].astype(np.float32)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def decode(self, embeds: np.ndarray, max_new_tokens: int) -> list[int]:
         """Greedy decode; the KV cache round-trips through the stateless `llm` model."""

@@ -11,8 +11,8 @@ from setok.data.items import eval_items
 from setok.errors import CheckpointError, InputError
 from setok.model.encoder import preprocess
 from setok.model.layers import patchify, unpatchify
-from setok.model.setokim import Setokim
-from setok.model.text import IM_START, TARGET, train_text_tokenizer
+from setok.model.setokim import CAPTION_PROMPT, QUESTION_PROMPT, REFER_PROMPT, Setokim
+from setok.model.text import IM_END, IM_START, TARGET, train_text_tokenizer
 from setok.model.vision import VisionTokenizer
 
 
@@ -65,9 +65,22 @@ def test_llm_sees_exactly_num_tokens(tiny_ckpt):
     vt = model.vision(images(2))
     for b in range(2):
         k = int(vt.clusters.num_tokens[b])
-        seq = model.image_prefix(vt.tokens[b, :k])
+        seq = model.prompt(vt.tokens[b, :k], CAPTION_PROMPT)
         assert seq.ids.count(-1) == k
         assert seq.ids[1] == model.ids[IM_START]
+
+
+def test_question_and_expression_come_before_the_image(tiny_ckpt):
+    model = Setokim.from_pretrained(tiny_ckpt)
+    vision = torch.zeros(3, model.cfg.merger.token_dim)
+    q, e = "what color is the square", "the red circle"
+    for template, fields, text in [(QUESTION_PROMPT, {"q": q}, q), (REFER_PROMPT, {"e": e}, e)]:
+        ids = model.prompt(vision, template, **fields).ids
+        start = ids.index(model.ids[IM_START])
+        assert ids[start + 1 : start + 4] == [-1, -1, -1] and ids[start + 4] == model.ids[IM_END]
+        assert model.tok.decode(ids[1:start]).endswith(text)  # read before any vision token
+    # `setok train` gives the prompts' own words one id each
+    assert [len(model.encode_text(w)) for w in ("caption", "question", "answer", "find", "draw")] == [1] * 5
 
 
 def test_checkpoint_round_trip(tiny_ckpt, tmp_path):
@@ -215,3 +228,31 @@ def test_generation_targets_follow_the_caption_then_background():
     assert owners[: it.num_objects] == list(range(1, it.num_objects + 1))  # caption order
     assert owners[it.num_objects :] == [-1, -2]  # background last, raster order
     assert owners != [r for r, _ in firsts]  # raster order alone would differ here
+
+
+def test_relation_questions_are_drawn_more_often():
+    import random
+    from collections import Counter
+
+    from setok.train import RELATION_WEIGHT, qa_weight, weighted_sample
+
+    items = [it for it in eval_items(200, seed=4) if any(qa_weight(q) > 1 for q, _ in it.qa)]
+    kinds = Counter()
+    for i, it in enumerate(items):
+        drawn = weighted_sample(it.qa, [qa_weight(q) for q, _ in it.qa], 3, random.Random(i))
+        assert len(drawn) == min(3, len(it.qa)) and not Counter(drawn) - Counter(it.qa)  # without replacement
+        kinds.update(qa_weight(q) > 1 for q, _ in drawn)
+    share = sum(qa_weight(q) > 1 for it in items for q, _ in it.qa) / sum(len(it.qa) for it in items)
+    assert RELATION_WEIGHT > 1 and kinds[True] / sum(kinds.values()) > share + 0.05  # measured: 0.39 of all, 0.48 of drawn
+
+
+def test_projector_adds_position_on_its_own_path_starting_at_zero():
+    from setok.model.setokim import Projector
+
+    proj = Projector(8, 16)
+    tokens = torch.rand(5, 8)  # (K, D); dims 0-1 are the centroid
+    assert torch.equal(proj(tokens), proj.mlp(tokens))  # a new path changes nothing at first
+    torch.nn.init.normal_(proj.where.weight)
+    moved = tokens.clone()
+    moved[:, 0] += 0.25  # x only
+    assert not torch.allclose(proj(moved) - proj.mlp(moved), proj(tokens) - proj.mlp(tokens))

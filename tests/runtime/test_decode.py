@@ -10,7 +10,7 @@ from setok.runtime.decode import HostDecoder, OrtDecoder
 def test_io_bound_decoder_matches_the_host_loop(tiny_bundle):
     pipe = Pipeline.open(tiny_bundle)
     vt = pipe.tokenize(eval_items(1, seed=5)[0].image)
-    embeds, _ = pipe._image_prefix(vt, pipe.prompts["caption"])
+    embeds, _ = pipe._prompt(vt, pipe.prompts["caption"])
     ort_dec = pipe._decoder()
     host = HostDecoder(pipe.stage("llm"), pipe.manifest.stage("llm"))
     assert isinstance(ort_dec, OrtDecoder)

@@ -203,6 +203,14 @@ def test_model_py_tensor_names_follow_the_manifest():
         assert getattr(model_py, name) == getattr(M, name)
 
 
+@pytest.mark.parametrize("template", ["question {q} {image} answer", "question {q} answer", "{image} q {q}", "{q} {image}"])
+def test_model_py_splits_prompts_like_the_manifest(template):
+    from setok.serve import model_py
+
+    q = "is the {red} square left of it"  # braces in the question are text, not fields
+    assert model_py.split_prompt(template, q=q) == M.split_prompt(template, q=q)
+
+
 # ---- model.py's pipeline logic against the setok runtime ----------------------------------------
 def _load_model_py(repo: Path):
     spec = importlib.util.spec_from_file_location("setok_triton_model", repo / PIPELINE_MODEL / "1" / "model.py")
