@@ -356,7 +356,7 @@ def qa_weight(question: str) -> float:
 
 
 def weighted_sample(items: list, weights: list[float], n: int, rng: random.Random) -> list:
-    """Up to n distinct items, each draw proportional to the remaining weights."""
+    """Up to n items drawn without replacement, each draw proportional to the remaining weights."""
     pool, w, out = list(items), list(weights), []
     while pool and len(out) < n:
         i = rng.choices(range(len(pool)), weights=w)[0]

@@ -11,7 +11,7 @@ Sequences (one per image and task):
 The question (and the expression) come before the image so that every vision token is read
 knowing what is asked: with the question after the image, a 4-layer LLM must find the object
 named in the question and compare it with another in the few layers left after reading it
-(colour-of-shape 0.64, left-of 0.41 on held-out scenes).
+(colour-of-shape 0.64, left-of 0.41 on held-out scenes; question first: 0.90 and 0.60).
 """
 
 from __future__ import annotations
