@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from setok.data.items import SceneStream, TrainItem, eval_items
+from setok.eval.ceiling import gen_ceiling_psnr
 from setok.eval.metrics import fg_ari, flat_baseline_psnr, iou, psnr, spearman
 from setok.model.cluster import dpc_knn
 from setok.model.encoder import preprocess
@@ -55,6 +56,7 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 500, seed: int = 0, batch: in
             rows.setdefault(key, []).extend(values)
     result = summarize(rows)
     result["pixel_dpc_fg_ari"] = pixel_dpc_fg_ari(items, model.cfg)
+    result["gen_ceiling_psnr"] = gen_ceiling_psnr([it.caption for it in items], [it.image for it in items])
     result.update(patches=model.cfg.encoder.num_patches, n=n, seed=seed, tokenizer=model.cfg.tokenizer,
                   tau=model.cfg.cluster.tau, eval_seconds=round(time.monotonic() - start, 1))
     return result
@@ -147,6 +149,7 @@ def evaluate_bundle(bundle: str | Path, n: int = 500, seed: int = 0, backend: st
             rows.setdefault(key, []).extend(values)
     result = summarize(rows)
     result["pixel_dpc_fg_ari"] = pixel_dpc_fg_ari(items, cfg)
+    result["gen_ceiling_psnr"] = gen_ceiling_psnr([it.caption for it in items], [it.image for it in items])
     result.update(patches=cfg.encoder.num_patches, n=n, seed=seed, tokenizer=cfg.tokenizer, tau=cfg.cluster.tau,
                   backend=backend, eval_seconds=round(time.monotonic() - start, 1))
     return result

@@ -150,6 +150,11 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
     name = names[rng.integers(len(names))]
     kind = BACKGROUND_KINDS[rng.integers(len(BACKGROUND_KINDS))]
     base = np.asarray(BACKGROUND_COLORS[name], np.float32)
+    return background_gain(rng, kind, size)[..., None] * base, f"{name} {kind}"
+
+
+def background_gain(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
+    """(H, W) float32 brightness modulation of a background: what its description leaves open."""
     if kind == "gradient":
         xs, ys = _grid(size)
         a = rng.uniform(0, 2 * np.pi)
@@ -160,7 +165,7 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
     else:
         k = int(rng.choice((4, 8)))
         gain = _bilinear(rng.uniform(0.55, 1.3, size=(k, k)), size)
-    return gain[..., None].astype(np.float32) * base, f"{name} {kind}"
+    return gain.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 EVAL_KEYS = {
     "fg_ari", "tokens_mean", "tokens_objects_spearman", "vqa_accuracy", "caption_exact", "recon_psnr",
-    "baseline_psnr", "refseg_miou", "gen_psnr", "pixel_dpc_fg_ari", "patches",
+    "baseline_psnr", "refseg_miou", "gen_psnr", "pixel_dpc_fg_ari", "patches", "gen_ceiling_psnr",
 }
 
 
