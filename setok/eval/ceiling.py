@@ -24,10 +24,15 @@ from setok.data import scenes as S
 from setok.errors import InputError
 from setok.eval.metrics import psnr
 
-_ALT = lambda words: "|".join(sorted(map(re.escape, words), key=len, reverse=True))  # noqa: E731
-_OBJECT = re.compile(rf"a ({_ALT(S.SIZES)}) ({_ALT(S.COLORS)}) ({_ALT(S.SHAPES)}) at ({_ALT(S.POSITIONS)})")
+
+def _alt(words) -> str:
+    """A regex alternation that tries longer words first ("top left" before "top")."""
+    return "|".join(sorted(map(re.escape, words), key=len, reverse=True))
+
+
+_OBJECT = re.compile(rf"a ({_alt(S.SIZES)}) ({_alt(S.COLORS)}) ({_alt(S.SHAPES)}) at ({_alt(S.POSITIONS)})")
 SAMPLES = 512  # per (shape, size, cell) and per background kind; cached once per process
-_BACKGROUND = re.compile(rf" on a ({_ALT(S.BACKGROUND_COLORS)}) ({_ALT(S.BACKGROUND_KINDS)})$")
+_BACKGROUND = re.compile(rf" on a ({_alt(S.BACKGROUND_COLORS)}) ({_alt(S.BACKGROUND_KINDS)})$")
 
 
 @dataclass(frozen=True)

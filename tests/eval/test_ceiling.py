@@ -6,7 +6,12 @@ import pytest
 
 from setok.data.scenes import EVAL_SEED_BASE, make_scene
 from setok.errors import InputError
-from setok.eval.ceiling import expected_image, gen_ceiling_psnr, parse_caption, sample_image
+from setok.eval.ceiling import (
+    expected_image,
+    gen_ceiling_psnr,
+    parse_caption,
+    sample_image,
+)
 from setok.eval.metrics import flat_baseline_psnr, psnr
 
 SCENES = [make_scene(EVAL_SEED_BASE + i) for i in range(24)]
