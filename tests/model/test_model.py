@@ -256,3 +256,18 @@ def test_projector_adds_position_on_its_own_path_starting_at_zero():
     moved = tokens.clone()
     moved[:, 0] += 0.25  # x only
     assert not torch.allclose(proj(moved) - proj.mlp(moved), proj(tokens) - proj.mlp(tokens))
+
+
+def test_detokenizer_reach_is_per_token_and_starts_shared():
+    from setok.config import DetokenizerConfig, EncoderConfig
+    from setok.model.detokenizer import Detokenizer
+
+    det = Detokenizer(DetokenizerConfig(width=16, depth=1, heads=2), EncoderConfig(), token_dim=8)
+    tokens = torch.rand(1, 3, 8)  # (B, T, D); dims 0-1 are the centroid
+    tokens[0, 1, :2] = tokens[0, 0, :2]  # two tokens at one place, different content
+    bias = det.cross_bias(tokens, torch.tensor([3]))  # (B, heads, N, T)
+    assert torch.equal(bias[..., 0], bias[..., 1])  # at first only the place matters
+    torch.nn.init.normal_(det.reach.weight)
+    bias = det.cross_bias(tokens, torch.tensor([3]))
+    assert not torch.allclose(bias[..., 0], bias[..., 1])  # then each token sets its own reach
+    assert (bias[..., 0] <= 0).all()  # still a locality prior: never a pull towards far patches
