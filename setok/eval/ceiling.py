@@ -5,11 +5,13 @@ colour and kind. It leaves open where in its cell each object sits, its radius w
 class, the gradient's direction and range (or the texture), and the pixel noise. Under squared
 error the best single image for a caption is the expected image over everything it leaves open;
 its PSNR against the true scene bounds what text -> image generation can score here. It is
-estimated by Monte Carlo with the scene generator's own distributions, from the caption alone.
+computed from the caption alone, with the scene generator's own distributions: each described
+object's probability of covering a pixel and each background kind's mean brightness are Monte
+Carlo averages (cached per process), composited in closed form.
 
-Approximations (each makes the estimate slightly optimistic or pessimistic by a small amount):
-objects are painted in caption order (the generator's paint order is not in the caption), and
-the generator's rule that objects stay visible is not imposed on the samples.
+Approximations (each moves the estimate a little either way): objects are placed independently
+and painted in caption order (the generator's paint order is not in the caption), and the
+generator's rule that objects stay visible is not imposed.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ def _alt(words) -> str:
     return "|".join(sorted(map(re.escape, words), key=len, reverse=True))
 
 
-_OBJECT = re.compile(rf"a ({_alt(S.SIZES)}) ({_alt(S.COLORS)}) ({_alt(S.SHAPES)}) at ({_alt(S.POSITIONS)})")
 SAMPLES = 512  # per (shape, size, cell) and per background kind; cached once per process
+_OBJECT = re.compile(rf"a ({_alt(S.SIZES)}) ({_alt(S.COLORS)}) ({_alt(S.SHAPES)}) at ({_alt(S.POSITIONS)})")
 _BACKGROUND = re.compile(rf" on a ({_alt(S.BACKGROUND_COLORS)}) ({_alt(S.BACKGROUND_KINDS)})$")
 
 
@@ -75,19 +77,23 @@ def sample_image(rng: np.random.Generator, caption: str, size: int = 64) -> np.n
     return image
 
 
-@functools.lru_cache(maxsize=256)
-def occupancy(o: Described, size: int, samples: int = SAMPLES) -> np.ndarray:
-    """(H, W) probability that a described object covers each pixel (colour plays no part)."""
+def occupancy(o: Described, size: int) -> np.ndarray:
+    """(H, W) probability that a described object covers each pixel (its colour plays no part)."""
+    return _occupancy(o.size, o.shape, o.position, size)
+
+
+@functools.lru_cache(maxsize=128)  # 2 sizes x 5 shapes x 9 cells = 90 per image size
+def _occupancy(size_class: str, shape: str, position: str, size: int) -> np.ndarray:
     rng = np.random.default_rng(0)
-    o = Described(o.size, "", o.shape, o.position)
-    return np.mean([_draw_object(rng, o, size) for _ in range(samples)], axis=0)
+    o = Described(size_class, "", shape, position)
+    return np.mean([_draw_object(rng, o, size) for _ in range(SAMPLES)], axis=0)
 
 
 @functools.lru_cache(maxsize=8)
-def mean_gain(kind: str, size: int, samples: int = SAMPLES) -> np.ndarray:
+def mean_gain(kind: str, size: int) -> np.ndarray:
     """(H, W) expected brightness modulation of a background kind."""
     rng = np.random.default_rng(1)
-    return np.mean([S.background_gain(rng, kind, size) for _ in range(samples)], axis=0)
+    return np.mean([S.background_gain(rng, kind, size) for _ in range(SAMPLES)], axis=0)
 
 
 def expected_image(caption: str, size: int = 64) -> np.ndarray:
@@ -96,7 +102,7 @@ def expected_image(caption: str, size: int = 64) -> np.ndarray:
     objects, bg_name, kind = parse_caption(caption)
     image = mean_gain(kind, size)[..., None] * np.asarray(S.BACKGROUND_COLORS[bg_name], np.float64)  # (H, W, 3)
     for o in objects:
-        p = occupancy(Described(o.size, "", o.shape, o.position), size)[..., None]  # (H, W, 1)
+        p = occupancy(o, size)[..., None]  # (H, W, 1)
         image = image * (1.0 - p) + p * np.asarray(S.COLORS[o.color], np.float64)
     return np.clip(image / 255.0, 0.0, 1.0)
 
