@@ -120,6 +120,17 @@ def mean_scalar(value: float, d: Dist) -> float:
     return float(t[0]) / d.world
 
 
+def sum_counts(counts: dict[str, int], names: tuple[str, ...], d: Dist) -> dict[str, int]:
+    """Per-name counts summed over ranks (a name a rank lacks counts 0 there)."""
+    if not d.active:
+        return {n: counts.get(n, 0) for n in names}
+    import torch.distributed as dist
+
+    t = torch.tensor([counts.get(n, 0) for n in names], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {n: int(v) for n, v in zip(names, t.tolist())}
+
+
 def agree(flag: bool, d: Dist) -> bool:
     """Rank 0's decision for everyone (e.g. a wall-clock budget), so no rank leaves a stage alone."""
     if not d.active:

@@ -31,6 +31,7 @@ from setok.distributed import (
     init_from_env,
     mean_scalar,
     shard,
+    sum_counts,
 )
 from setok.errors import InputError
 from setok.model import text as T
@@ -267,7 +268,17 @@ class Trainer:
             # One generator per image of the global batch: the same draws however it is sharded.
             rng = random.Random((self.opts.seed * 1_000_003 + step) * 10_007 + g)
             seqs += task_sequences(self.model, it, vt.tokens[i, :k], vt.clusters.assignment[i], rng)
-        return self._apply({**self.model.losses(seqs), **extra})
+        return self._apply({**self._global_means(seqs), **extra})
+
+    def _global_means(self, seqs) -> dict[str, torch.Tensor]:
+        """Each rank's loss sum over the global count, times the world size: averaged gradients
+        and reported values then equal one process's on the whole batch (a per-rank mean would
+        weigh a rank's few referring tokens like the other rank's many)."""
+        sums, counts = self.model.loss_sums(seqs)
+        names = ("lm", "regress", "seg")
+        total = sum_counts(counts, names, self.dist)
+        zero = next(iter(sums.values())) * 0.0  # a rank without a loss still joins the all-reduce
+        return {n: sums.get(n, zero) * self.dist.world / total[n] for n in names if total[n]}
 
     def _apply(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         for group in self.opt.param_groups:

@@ -28,7 +28,10 @@ def test_two_processes_match_one(tmp_path):
     assert [(h["stage"], h["step"]) for h in one] == [(h["stage"], h["step"]) for h in two]
     for a, b in zip(one, two):
         for key in a.keys() - {"stage", "step"}:
-            # Same global batch, same draws; per-rank means of the grouping and LM losses differ
-            # from one global mean only by how pairs / tokens split between the ranks.
-            assert abs(a[key] - b[key]) <= 0.05 * abs(a[key]) + 1e-3, (a["stage"], a["step"], key, a[key], b[key])
+            # Same global batch, same draws. Stage 1's grouping loss is a per-rank mean (pairs
+            # split between the ranks); stage 2 divides each rank's sums by the global counts, so
+            # only float order and stage 1's small drift remain (measured <= 0.5 %; per-rank
+            # means had the segmentation loss 6 % off).
+            tol = 0.05 if a["stage"] == 1 else 0.01
+            assert abs(a[key] - b[key]) <= tol * abs(a[key]) + 1e-3, (a["stage"], a["step"], key, a[key], b[key])
     assert (tmp_path / "two" / "model.safetensors").is_file()

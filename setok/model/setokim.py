@@ -165,7 +165,12 @@ class Setokim(nn.Module):
 
     # ---- training losses -------------------------------------------------------------------
     def losses(self, seqs: list[Sequence], buckets: int = 4) -> dict[str, Tensor]:
-        """Mean LM (per sequence, then over sequences) / regression / segmentation losses.
+        """Mean LM (per sequence, then over sequences) / regression / segmentation losses."""
+        sums, counts = self.loss_sums(seqs, buckets)
+        return {name: sums[name] / counts[name] for name in sums}
+
+    def loss_sums(self, seqs: list[Sequence], buckets: int = 4) -> tuple[dict[str, Tensor], dict[str, int]]:
+        """Each loss as (sum, count) over `seqs`, so ranks can divide by the global count.
 
         Sequences are sorted by length and run in `buckets` groups, each padded only to its own
         longest: a caption (~60 ids) and a question (~20) in one padded batch waste most of the
@@ -183,7 +188,8 @@ class Setokim(nn.Module):
             for name, (total, n) in self._loss_sums(batch, logits, hidden).items():
                 sums.setdefault(name, []).append(total)
                 counts[name] = counts.get(name, 0) + n
-        return {name: torch.stack(sums[name]).sum() / counts[name] for name in ("lm", "regress", "seg") if counts.get(name)}
+        names = [name for name in ("lm", "regress", "seg") if counts.get(name)]
+        return {name: torch.stack(sums[name]).sum() for name in names}, {name: counts[name] for name in names}
 
     def _loss_sums(self, batch: Batch, logits: Tensor, hidden: Tensor) -> dict[str, tuple[Tensor, int]]:
         """(sum, count) per loss in one padded group."""
