@@ -124,9 +124,12 @@ def test_export_run_parity_eval_on_a_bundle(tiny_ckpt, tmp_path):
     assert Image.open(tmp_path / "masks.png").size == (3 * 64 * 4, 64 * 4)
     assert Image.open(tmp_path / "gen.png").size == (64, 64)
     setok("parity", tiny_ckpt, bundle, "--n", 2, "--json", tmp_path / "parity.json")
-    assert json.loads((tmp_path / "parity.json").read_text())["passed"]
-    photos = setok("parity", tiny_ckpt, bundle, "--images", _photos(tmp_path / "photos"), "--n", 5)
+    scenes = json.loads((tmp_path / "parity.json").read_text())
+    assert scenes["passed"] and scenes["rounding_sensitive_images"] == 0
+    photos = setok("parity", tiny_ckpt, bundle, "--images", _photos(tmp_path / "photos"), "--n", 5, "--json", tmp_path / "photos.json")
     assert "PASS" in photos.stdout
+    # A 16-step model on photos can sit on a float32 near-tie; most images must still be gated.
+    assert json.loads((tmp_path / "photos.json").read_text())["rounding_sensitive_images"] <= 2
     setok("eval", bundle, "--backend", "onnxruntime", "--n", 3, "--json", tmp_path / "m.json")
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert EVAL_KEYS <= set(metrics) and metrics["backend"] == "onnxruntime"
