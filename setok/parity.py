@@ -75,13 +75,18 @@ def _stages(model, pipe, rgb: np.ndarray, rows: dict) -> None:
     feats = model.vision.encoder(px)
     rows["encoder"].append(compare(M.PATCH_FEATURES, feats.numpy(), pipe.stage("encoder").run(_feeds(pixel_values=px))[M.PATCH_FEATURES]))
     c = model.vision.cluster(feats)
-    sensitive = rounding_sensitive(model, feats, c)
-    rows["rounding_sensitive"].append(sensitive)
+    found = {}
     for name in [s.name for s in pipe.manifest.stages if s.name.startswith("cluster")]:
         got = pipe.stage(name).run(_feeds(patch_features=feats))
-        for key, ref in ((M.ASSIGNMENT, c.assignment), (M.NUM_TOKENS, c.num_tokens), (M.CENTERS, c.centers)):
-            if not sensitive:
-                rows[name].append(compare(key, ref.numpy(), got[key]))
+        found[name] = [compare(key, ref.numpy(), got[key])
+                       for key, ref in ((M.ASSIGNMENT, c.assignment), (M.NUM_TOKENS, c.num_tokens), (M.CENTERS, c.centers))]
+    # Only a disagreement needs the float64 check: most images never pay for it.
+    disagree = any(cmp.match < 1.0 for comps in found.values() for cmp in comps)
+    sensitive = disagree and rounding_sensitive(model, feats, c)
+    rows["rounding_sensitive"].append(sensitive)
+    for name, comps in found.items():
+        if not sensitive:
+            rows[name].extend(comps)
     tokens = model.vision.merger(feats, c.assignment, c.num_tokens)
     got = pipe.stage("merger").run(_feeds(patch_features=feats, assignment=c.assignment, num_tokens=c.num_tokens))
     rows["merger"].append(compare(M.VISION_TOKENS, tokens.numpy(), got[M.VISION_TOKENS]))
@@ -98,8 +103,9 @@ def rounding_sensitive(model, feats: torch.Tensor, clusters) -> bool:
     """Does this image's clustering hang on float32 rounding? DPC compares densities and
     distances; where two are within an ulp or two (seen on photos with a barely trained model:
     neighbour means 1.7e-7 apart), torch's and ONNX Runtime's MatMul round differently and either
-    answer is the exact clustering of its own arithmetic. Such an image is the one whose float64
-    clustering differs from float32's; its cluster outputs are reported, not gated."""
+    answer is the exact clustering of its own arithmetic. Such an image is one whose float64
+    clustering differs from float32's; where an exported form disagrees on it, its cluster
+    outputs are reported, not gated."""
     exact = model.vision.cluster(feats.double())
     return not (torch.equal(exact.num_tokens, clusters.num_tokens) and torch.equal(exact.assignment, clusters.assignment))
 
@@ -197,7 +203,7 @@ def summarize(rows: dict, gates: Gates) -> dict:
         result["failures"].append(f"generated_psnr_min: {e2e['generated_psnr_min']:.1f} dB < {gates.gen_psnr} dB")
     result["passed"] = not result["failures"]
     result["images"] = len(rows["encoder"])
-    # Images whose cluster outputs were not gated (see rounding_sensitive); 0 on the eval scenes.
+    # Images where an exported cluster form disagreed and rounding decides (see rounding_sensitive).
     result["rounding_sensitive_images"] = int(sum(rows.get("rounding_sensitive", [])))
     return result
 
