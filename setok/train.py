@@ -45,6 +45,7 @@ from setok.model.losses import (
 from setok.model.setokim import (
     CAPTION_PROMPT,
     DRAW_PROMPT,
+    LOSS_NAMES,
     QUESTION_PROMPT,
     REFER_PROMPT,
     Sequence,
@@ -275,10 +276,9 @@ class Trainer:
         and reported values then equal one process's on the whole batch (a per-rank mean would
         weigh a rank's few referring tokens like the other rank's many)."""
         sums, counts = self.model.loss_sums(seqs)
-        names = ("lm", "regress", "seg")
-        total = sum_counts(counts, names, self.dist)
+        total = sum_counts(counts, LOSS_NAMES, self.dist)
         zero = next(iter(sums.values())) * 0.0  # a rank without a loss still joins the all-reduce
-        return {n: sums.get(n, zero) * self.dist.world / total[n] for n in names if total[n]}
+        return {n: sums.get(n, zero) * self.dist.world / total[n] for n in LOSS_NAMES if total[n]}
 
     def _apply(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         for group in self.opt.param_groups:

@@ -36,6 +36,7 @@ CAPTION_PROMPT = "{image} caption"
 QUESTION_PROMPT = "question {q} {image} answer"
 REFER_PROMPT = "find {e} {image}"
 DRAW_PROMPT = "draw {c}"
+LOSS_NAMES = ("lm", "regress", "seg")  # Setokim.loss_sums' keys, in this order
 
 
 @dataclass
@@ -188,7 +189,7 @@ class Setokim(nn.Module):
             for name, (total, n) in self._loss_sums(batch, logits, hidden).items():
                 sums.setdefault(name, []).append(total)
                 counts[name] = counts.get(name, 0) + n
-        names = [name for name in ("lm", "regress", "seg") if counts.get(name)]
+        names = [name for name in LOSS_NAMES if counts.get(name)]
         return {name: torch.stack(sums[name]).sum() for name in names}, {name: counts[name] for name in names}
 
     def _loss_sums(self, batch: Batch, logits: Tensor, hidden: Tensor) -> dict[str, tuple[Tensor, int]]:
