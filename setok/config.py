@@ -6,6 +6,7 @@ typo in a hand-edited config fails loudly instead of being ignored.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +54,7 @@ class MergerConfig:
     # Add each patch's offset from its cluster's centroid (Fourier features) before the inner
     # transformer: the masked mean then carries a translation-invariant shape signature. Without
     # it a linear probe recovers an object's shape from its token at 0.44 (5 shapes).
-    shape_code: bool = False
+    shape_code: bool = True
 
 
 @dataclass
@@ -127,25 +128,28 @@ _SUBCONFIGS = {
 }
 
 
+# The presets as a table (litgpt's `configs`): each row overrides SetokimConfig's defaults.
+# `tiny` trains in under a minute (tests); `small` is the shipped one (the defaults).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "encoder": {"width": 32, "depth": 1, "heads": 2},
+        "cluster": {"k": 8, "tau": 0.25, "min_tokens": 2, "max_tokens": 16},
+        "merger": {"heads": 2, "token_dim": 32},
+        "detokenizer": {"width": 32, "depth": 1, "heads": 2},
+        "llm": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128},
+    },
+    "small": {},
+}
+TOKENIZERS = ("setok", "patch", "topk")
+
+
 def preset(name: str, tokenizer: str = "setok") -> SetokimConfig:
-    """The named model size. `tiny` trains in under a minute (tests); `small` is the shipped one."""
-    if name == "tiny":
-        cfg = SetokimConfig(
-            encoder=EncoderConfig(width=32, depth=1, heads=2),
-            cluster=ClusterConfig(k=8, tau=0.25, min_tokens=2, max_tokens=16),
-            merger=MergerConfig(heads=2, token_dim=32),
-            detokenizer=DetokenizerConfig(width=32, depth=1, heads=2),
-            llm=LLMConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
-        )
-    elif name == "small":
-        cfg = SetokimConfig()
-    else:
-        raise InputError(f"unknown preset {name!r}; expected 'tiny' or 'small'")
-    cfg.merger.shape_code = True
-    if tokenizer not in ("setok", "patch", "topk"):
-        raise InputError(f"unknown tokenizer {tokenizer!r}; expected 'setok', 'patch' or 'topk'")
-    cfg.tokenizer = tokenizer
-    cfg.preset = name
+    """The named model size (a row of PRESETS) with the given tokenizer."""
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    if tokenizer not in TOKENIZERS:
+        raise InputError(f"unknown tokenizer {tokenizer!r}; expected one of {list(TOKENIZERS)}")
+    cfg = SetokimConfig.from_dict(copy.deepcopy({**PRESETS[name], "tokenizer": tokenizer, "preset": name}))
     # The LLM's context must hold every vision token plus the longest prompt: the patch
     # baseline feeds all N patches (RoPE has no learned positions, so this changes no weight).
     cfg.llm.max_position_embeddings = max(cfg.llm.max_position_embeddings, cfg.max_tokens + 128)

@@ -20,3 +20,7 @@ class CheckpointError(SetokError):
 
 class MissingDependency(SetokError):
     """An optional dependency (tensorrt, triton, ...) is needed but not installed."""
+
+
+class BundleError(InputError):
+    """A bundle that is missing files, tampered with, or of an unknown schema."""

@@ -1,4 +1,4 @@
-"""Atomic artifact writes: build in a temporary sibling directory, then rename into place.
+"""Atomic artifact writes: build in a temporary sibling (directory or file), then rename into place.
 
 A kill at any moment leaves either the old complete artifact or the new complete one.
 """
@@ -44,17 +44,36 @@ def _replace_dir(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON to `path` through a temp file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path next to `path`; on success it is renamed onto `path`, on failure removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON to `path` through a temp file and a rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_png(path: str | Path, image: Any) -> None:
+    """An (H, W[, 3]) uint8 array or a PIL image to `path` as PNG, atomically."""
+    from PIL import Image
+
+    with atomic_file(path) as tmp:
+        (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(tmp, format="PNG")

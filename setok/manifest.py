@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from setok.errors import InputError
+from setok.errors import BundleError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -26,12 +26,70 @@ EMBEDS = "embeds"
 HIDDEN = "hidden"
 QUERY_HIDDEN, TOKEN_HIDDEN, SEG_LOGITS = "query_hidden", "token_hidden", "seg_logits"
 IMAGE = "image"
+# The llm stage's other I/O (optimum's decoder-with-past names).
+INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS = "inputs_embeds", "attention_mask", "position_ids"
+LOGITS, HIDDEN_STATES = "logits", "hidden_states"
 # Prompt templates (manifest `text.prompts`) mark where the vision tokens go with this slot.
 IMAGE_SLOT = "{image}"
 
+# KV-cache names of the llm stage, one template per layer and kind ("{i}" = layer index). The
+# exporter writes the expanded lists into the llm entry (`extra.kv_cache`, as onnxruntime-genai's
+# config carries past_names / present_names); the runtime reads them from there.
+PAST_NAMES = ("past_key_values.{i}.key", "past_key_values.{i}.value")
+PRESENT_NAMES = ("present.{i}.key", "present.{i}.value")
 
-class BundleError(InputError):
-    """A bundle that is missing files, tampered with, or of an unknown schema."""
+
+@dataclass(frozen=True)
+class KvCache:
+    """The cache inputs of the llm stage and, position by position, the output that feeds each."""
+
+    past: tuple[str, ...]
+    present: tuple[str, ...]
+
+    @classmethod
+    def for_layers(cls, num_layers: int) -> KvCache:
+        return cls(*(tuple(t.format(i=i) for i in range(num_layers) for t in names) for names in (PAST_NAMES, PRESENT_NAMES)))
+
+    @classmethod
+    def of(cls, inputs: list[TensorSpec], extra: dict[str, Any]) -> KvCache:
+        """From a stage's manifest record; bundles written before `extra.kv_cache` used the templates."""
+        kv = extra.get("kv_cache")
+        if isinstance(kv, dict) and isinstance(kv.get("past"), list) and isinstance(kv.get("present"), list):
+            if len(kv["past"]) != len(kv["present"]):
+                raise BundleError(f"manifest kv_cache: {len(kv['past'])} past names but {len(kv['present'])} present names")
+            return cls(tuple(kv["past"]), tuple(kv["present"]))
+        legacy = cls.for_layers(len(inputs))  # as many layers as could be: keep those the stage has
+        names = {t.name for t in inputs}
+        pairs = [(p, q) for p, q in zip(legacy.past, legacy.present) if p in names]
+        return cls(tuple(p for p, _ in pairs), tuple(q for _, q in pairs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"past": list(self.past), "present": list(self.present)}
+
+    def as_past(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """A step's outputs -> the next step's cache feeds (present name -> past name)."""
+        return {p: outputs[q] for p, q in zip(self.past, self.present)}
+
+
+@dataclass(frozen=True)
+class CustomOp:
+    """A custom ONNX op a stage's graph may hold (TensorRT plugin, onnxruntime-extensions PyOp)."""
+
+    domain: str
+    op_type: str
+    version: int = 1
+
+    @property
+    def id(self) -> str:
+        return f"{self.domain}::{self.op_type}"
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest entry of a stage holding this op carries (`extra`)."""
+        return {"plugin_namespace": self.domain, "op": self.id, "op_version": self.version}
+
+
+# The cluster stage as one node: the TensorRT plugin and the onnxruntime-extensions PyOp.
+CLUSTER_OP = CustomOp("setok", "DensityPeakCluster", 1)
 
 
 @dataclass
@@ -54,12 +112,34 @@ class StageEntry:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     extra: dict[str, Any] = field(default_factory=dict)
+    # Another graph of the named stage (same I/O): the runtime may run either, TensorRT builds one.
+    form_of: str | None = None
+
+    @property
+    def serves(self) -> str:
+        """The stage this entry computes: its own name, or the stage it is a form of."""
+        return self.form_of or self.name
+
+    @property
+    def custom_op(self) -> str | None:
+        """The custom op ("domain::Op") the graph holds, if any."""
+        return self.extra.get("op") or None
+
+    @property
+    def kv_cache(self) -> KvCache:
+        return KvCache.of(self.inputs, self.extra)
+
+    @property
+    def exact(self) -> bool:
+        """Integer outputs only (token ids, counts): reduced precision would change them, not blur them."""
+        return all(not t.dtype.startswith("float") for t in self.outputs)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "file": self.file, "sha256": self.sha256, "precision": self.precision,
             "opset": self.opset, "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs], **({"extra": self.extra} if self.extra else {}),
+            **({"form_of": self.form_of} if self.form_of else {}),
         }
 
     @classmethod
@@ -68,9 +148,14 @@ class StageEntry:
             return cls(
                 d["name"], d["file"], d["sha256"], d["precision"], int(d["opset"]),
                 [TensorSpec(**t) for t in d["inputs"]], [TensorSpec(**t) for t in d["outputs"]], d.get("extra", {}),
+                d.get("form_of", LEGACY_FORMS.get(d["name"])),
             )
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest stage entry {d.get('name', '?')!r} is malformed ({e})") from None
+
+
+# Bundles written before `form_of` existed had one alternative form, under this name.
+LEGACY_FORMS = {"cluster_plugin": "cluster"}
 
 
 @dataclass
@@ -88,6 +173,10 @@ class Manifest:
             if s.name == name:
                 return s
         raise BundleError(f"bundle has no stage {name!r}; it has {[s.name for s in self.stages]}")
+
+    def forms(self, name: str) -> list[StageEntry]:
+        """The stage `name` and every alternative form of it the bundle carries."""
+        return [s for s in self.stages if s.serves == name]
 
     def to_dict(self) -> dict[str, Any]:
         return {

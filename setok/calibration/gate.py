@@ -29,7 +29,7 @@ def misses(fp32: dict, int8: dict, gates: dict[str, float]) -> list[str]:
 def apply_task_gate(bundle: Path, tmp: Path, manifest: M.Manifest, n: int, gates: dict[str, float] | None = None) -> dict:
     """Evaluate the candidate in `tmp` against `bundle`; revert INT8 stages until the gates hold.
     Rewrites `tmp`'s manifest; returns what was measured and reverted."""
-    from setok.evaluate import evaluate_bundle
+    from setok.eval.evaluation import evaluate_bundle
 
     gates = gates or TASK_GATES
     original = {s.name: s for s in M.load_manifest(bundle).stages}

@@ -39,7 +39,7 @@ from onnxruntime.quantization.calibrate import (
     save_tensors_data,
 )
 
-from setok.calibration.data import FeedReader
+from setok.calibration.feeds import FeedReader
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Training data: deterministic synthetic scenes and user image/caption folders (numpy + PIL only)."""
 
-from setok.data.folder import Sample, load_folder, load_image
+from setok.data.folder import Sample, load_folder
 from setok.data.scenes import (
     COLORS,
     EVAL_SEED_BASE,
@@ -14,6 +14,7 @@ from setok.data.scenes import (
     scene_batch,
     text_corpus,
 )
+from setok.runtime.preprocess import load_image
 
 __all__ = [
     "COLORS",

@@ -59,7 +59,7 @@ class FolderStream:
         self.size, self.seed = size, seed
 
     def batch(self, step: int, n: int) -> list[TrainItem]:
-        from setok.data.folder import load_image
+        from setok.runtime.preprocess import load_image
 
         rng = random.Random(self.seed * 1_000_003 + step)
         picks = [rng.randrange(len(self.samples)) for _ in range(n)]

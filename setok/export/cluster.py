@@ -5,8 +5,8 @@ batch and num_patches, domain "" only. The reference is written so nothing depen
 int computed from N (topk is padded to k columns, the count clamp uses the config bounds), so
 the graph runs for any N, N < k included.
 
-Plugin form: one `setok::DensityPeakCluster` node carrying the config as attributes, for the
-TensorRT plugin and for onnxruntime-extensions (setok/runtime/cluster_op.py).
+Plugin form: one node of the manifest's CLUSTER_OP carrying the config as attributes, for the
+TensorRT plugin and for onnxruntime-extensions (setok/backends/onnxrt/custom_op.py).
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ import torch
 from onnx import TensorProto, helper
 
 from setok.config import ClusterConfig
+from setok.manifest import CLUSTER_OP
 from setok.model.cluster import DensityPeakCluster
 
 log = logging.getLogger(__name__)
 
 CLUSTER_INPUTS = ("patch_features",)  # float32 [B, N, C]
 CLUSTER_OUTPUTS = ("assignment", "num_tokens", "centers")  # int64 [B, N], [B], [B, max_tokens]
-PLUGIN_DOMAIN = "setok"
-PLUGIN_OP = "DensityPeakCluster"
-PLUGIN_VERSION = 1
 
 _DYNAMIC_AXES = {
     "patch_features": {0: "batch", 1: "num_patches"},
@@ -78,14 +76,14 @@ def _fix_centers_dim(model: onnx.ModelProto, max_tokens: int) -> None:
             dim.dim_value = max_tokens
 
 
-def plugin_model(cfg: ClusterConfig, opset: int = 17, plugin_namespace: str = "setok") -> onnx.ModelProto:
+def plugin_model(cfg: ClusterConfig, opset: int = 17, plugin_namespace: str = CLUSTER_OP.domain) -> onnx.ModelProto:
     """The one-node plugin graph (no file I/O)."""
     node = helper.make_node(
-        PLUGIN_OP,
+        CLUSTER_OP.op_type,
         list(CLUSTER_INPUTS),
         list(CLUSTER_OUTPUTS),
         name="cluster",
-        domain=PLUGIN_DOMAIN,
+        domain=CLUSTER_OP.domain,
         k=int(cfg.k),
         tau=float(cfg.tau),
         min_tokens=int(cfg.min_tokens),
@@ -102,20 +100,25 @@ def plugin_model(cfg: ClusterConfig, opset: int = 17, plugin_namespace: str = "s
             helper.make_tensor_value_info("centers", TensorProto.INT64, ["batch", cfg.max_tokens]),
         ],
     )
-    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(PLUGIN_DOMAIN, PLUGIN_VERSION)]
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(CLUSTER_OP.domain, CLUSTER_OP.version)]
     # helper's default IR version can be newer than onnxruntime reads; use the opset's minimum.
     ir = helper.find_min_ir_version_for(opsets[:1])
     return helper.make_model(graph, opset_imports=opsets, ir_version=ir, producer_name="setok")
 
 
 def export_cluster_plugin(
-    cfg: ClusterConfig, out: Path, opset: int = 17, plugin_namespace: str = "setok"
+    cfg: ClusterConfig, out: Path, opset: int = 17, plugin_namespace: str = CLUSTER_OP.domain
 ) -> Path:
-    """Plugin-form ONNX: one setok::DensityPeakCluster node; returns `out`."""
+    """Plugin-form ONNX: one CLUSTER_OP node; returns `out`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = plugin_model(cfg, opset, plugin_namespace)
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
-    log.info("exported cluster (plugin node %s::%s) to %s", PLUGIN_DOMAIN, PLUGIN_OP, out)
+    log.info("exported cluster (plugin node %s) to %s", CLUSTER_OP.id, out)
     return out
+
+
+def export_plugin_stage(stage, model, out_dir: Path, opset: int, example: dict) -> Path:
+    """The registry's exporter for the plugin form (no tracing: the node is written directly)."""
+    return export_cluster_plugin(model.cfg.cluster, Path(out_dir) / stage.file, opset)

@@ -2,7 +2,7 @@
 
 How optimum is used: `LlamaOnnxConfig` (task "text-generation-with-past", i.e. `text-generation` with
 `use_past=True, use_past_in_inputs=True`) is subclassed so the graph takes `inputs_embeds` instead of
-`input_ids` and returns the last hidden state next to `logits` and `present.*`. optimum's
+`input_ids` and returns the last hidden state next to `logits` and the presents. optimum's
 `exporters.onnx.export` then does the work: dummy inputs from its generators, dynamic axes from the
 config, its `ModelPatcher` (traceable causal masks, DynamicCache <-> tuple conversion, TorchScript
 workarounds for transformers >= 4.53) and `fix_dynamic_axes`; `validate_model_outputs` checks the file.
@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from setok import manifest as M
+
 log = logging.getLogger(__name__)
 
 ONNX_NAME = "llm.onnx"
@@ -36,12 +38,11 @@ LOGITS_ATOL = 1e-3
 EXPORT_ATTENTION = "eager"
 
 
-# Names in graph order. The per-layer entries are templates ("{i}" = layer index) because the layer
-# count belongs to the model; `expand_names(LLM_INPUTS, num_layers)` gives the exact list of a graph.
-LLM_INPUTS = (
-    "inputs_embeds", "attention_mask", "position_ids", "past_key_values.{i}.key", "past_key_values.{i}.value",
-)
-LLM_OUTPUTS = ("logits", "hidden_states", "present.{i}.key", "present.{i}.value")
+# Names in graph order (the manifest's, which are optimum's). The per-layer entries are templates
+# ("{i}" = layer index) because the layer count belongs to the model; `expand_names(LLM_INPUTS,
+# num_layers)` gives the exact list of a graph.
+LLM_INPUTS = (M.INPUTS_EMBEDS, M.ATTENTION_MASK, M.POSITION_IDS, *M.PAST_NAMES)
+LLM_OUTPUTS = (M.LOGITS, M.HIDDEN_STATES, *M.PRESENT_NAMES)
 
 
 def expand_names(names: tuple[str, ...], num_layers: int) -> tuple[str, ...]:
@@ -64,7 +65,7 @@ class EmbedsCausalLM(nn.Module):
             past_key_values=past_key_values, use_cache=True, output_hidden_states=True, return_dict=True,
         )
         # A dict in this order: optimum's patcher keeps it and torch.onnx names the flattened outputs
-        # positionally (logits, hidden_states, present.*).
+        # positionally (logits, hidden_states, then the presents).
         return OrderedDict(
             logits=out.logits, hidden_states=out.hidden_states[-1], past_key_values=out.past_key_values
         )
@@ -204,9 +205,10 @@ def _session(onnx_path: Path):
 
 def empty_past(session, batch: int) -> dict[str, np.ndarray]:
     """Past of length 0, shaped from the graph's own static dims [B, kv_heads, 0, head_dim]."""
+    past = set(M.KvCache.for_layers(len(session.get_inputs())).past)  # the input count bounds the layers
     feeds = {}
     for inp in session.get_inputs():
-        if inp.name.startswith("past_key_values."):
+        if inp.name in past:
             _, heads, _, head_dim = inp.shape
             feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), np.float32)
     return feeds
@@ -216,7 +218,7 @@ def _compare(stats: dict, step: str, ref: dict, got: dict, real: torch.Tensor) -
     """Compare at real (unpadded) query positions only: a padded query sees no key at all, and eager
     (our graph: uniform softmax) and SDPA (PyTorch default) fill that don't-care row differently."""
     keep = real.numpy().astype(bool)
-    for name in ("logits", "hidden_states"):
+    for name in (M.LOGITS, M.HIDDEN_STATES):
         a = ref[name].detach().double().numpy()[keep].ravel()
         b = got[name].astype(np.float64)[keep].ravel()
         stats[f"{step}_{name}_max_abs"] = float(np.abs(a - b).max())
@@ -226,19 +228,20 @@ def _compare(stats: dict, step: str, ref: dict, got: dict, real: torch.Tensor) -
 def _torch_step(llm, embeds, mask, pos, past):
     out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=past,
               use_cache=True, output_hidden_states=True)
-    return {"logits": out.logits, "hidden_states": out.hidden_states[-1]}, out.past_key_values
+    return {M.LOGITS: out.logits, M.HIDDEN_STATES: out.hidden_states[-1]}, out.past_key_values
 
 
 def _ort_step(session, embeds, mask, pos, past):
-    feeds = {"inputs_embeds": embeds.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(), **past}
+    feeds = {M.INPUTS_EMBEDS: embeds.numpy(), M.ATTENTION_MASK: mask.numpy(), M.POSITION_IDS: pos.numpy(), **past}
     names = [o.name for o in session.get_outputs()]
     out = dict(zip(names, session.run(None, feeds)))
     return out, presents_as_past(out)
 
 
 def presents_as_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The next step's past feeds: present.{i}.key -> past_key_values.{i}.key."""
-    return {n.replace("present.", "past_key_values.", 1): v for n, v in outputs.items() if n.startswith("present.")}
+    """The next step's cache feeds: each present output under its past input's name."""
+    kv = M.KvCache.for_layers(len(outputs))  # the output count bounds the layers
+    return {p: outputs[q] for p, q in zip(kv.past, kv.present) if q in outputs}
 
 
 @torch.no_grad()
@@ -271,3 +274,37 @@ def validate_llm(llm, onnx_path: Path, seed: int = 0) -> dict[str, float]:
         if not diff <= LOGITS_ATOL:  # also catches NaN
             raise ValueError(f"{step_name} logits differ: max abs diff {diff:.3g} > {LOGITS_ATOL}")
     return stats
+
+
+# ---- the llm entry of the stage registry ----------------------------------------------------------
+def llm_specs(model) -> tuple[list[M.TensorSpec], list[M.TensorSpec]]:
+    """The graph's I/O from the LLM's own config: GQA heads, head_dim, vocabulary, layers."""
+    c = model.llm.config
+    heads = c.num_key_value_heads
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    past = ["batch", heads, "past_sequence", hd]
+    present = ["batch", heads, "total_sequence", hd]
+    kv = M.KvCache.for_layers(c.num_hidden_layers)
+    ins = [M.TensorSpec(M.INPUTS_EMBEDS, "float32", ["batch", "sequence", c.hidden_size]),
+           M.TensorSpec(M.ATTENTION_MASK, "int64", ["batch", "total_sequence"]),
+           M.TensorSpec(M.POSITION_IDS, "int64", ["batch", "sequence"])]
+    ins += [M.TensorSpec(n, "float32", past) for n in kv.past]
+    outs = [M.TensorSpec(M.LOGITS, "float32", ["batch", "sequence", c.vocab_size]),
+            M.TensorSpec(M.HIDDEN_STATES, "float32", ["batch", "sequence", c.hidden_size])]
+    outs += [M.TensorSpec(n, "float32", present) for n in kv.present]
+    return ins, outs
+
+
+def llm_record(model) -> dict:
+    """The llm entry's `extra`: its KV-cache names (which present feeds which past)."""
+    return {"kv_cache": M.KvCache.for_layers(model.llm.config.num_hidden_layers).to_dict()}
+
+
+def export_llm_stage(stage, model, out_dir: Path, opset: int, example: dict) -> Path:
+    """The LLM through optimum, plus what the runtime needs beside it: embeddings, tokenizer."""
+    path = export_llm(model.llm, Path(out_dir), opset)
+    files = dict(stage.files)
+    emb = model.llm.get_input_embeddings().weight.detach().numpy().astype(np.float32)
+    np.save(Path(out_dir) / files["embeddings"], emb)
+    model.tok.backend_tokenizer.save(str(Path(out_dir) / files["tokenizer"]))
+    return path

@@ -1,26 +1,37 @@
-"""The stage registry: every exported stage as data (names, shapes, module, example, tolerance).
+"""The stage registry: every exported stage as data.
+
+A `Stage` carries everything about itself: its tensor specs (from the model's configs; the LLM's
+from its own config), the example inputs it is validated on, its exporter and validator, its
+tolerance, whether it may be quantized, and what the manifest says of it to the runtime (an
+alternative `form_of` another stage, a custom op, extra records such as the KV-cache names).
+Export, validation and calibration iterate over this registry; the runtime, TensorRT and Triton
+read what it wrote into the bundle's manifest. No other module keeps a list of stages.
 
 A reader finds a stage by its name in every layer: `model/merger.py`, the `merger` entry here,
 `merger` in the manifest, `stage("merger")` in the runtime.
+
+Importable without torch: the torch-side callables (modules, exporters, validators, examples)
+import what they need when they are called.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import numpy as np
-import torch
-from torch import Tensor, nn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from setok import manifest as M
-from setok.config import SetokimConfig
 
 if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from setok.config import SetokimConfig
+    from setok.model.cluster import Clusters
     from setok.model.setokim import Setokim
 
-Shape = tuple  # of int (fixed) or str (symbolic)
+Specs = tuple[list[M.TensorSpec], list[M.TensorSpec]]
 
 
 @dataclass(frozen=True)
@@ -31,31 +42,80 @@ class Tolerance:
     int_match: float = 1.0  # fraction of identical integer outputs
 
 
+@dataclass
+class Flow:
+    """Held-out scenes flowing through the torch stages: what every stage's example is cut from."""
+
+    pixel_values: Tensor  # (B, 3, S, S)
+    features: Tensor  # (B, N, C)
+    clusters: Clusters
+    tokens: Tensor  # (B, T, D), zero beyond num_tokens
+    hidden: Tensor  # (B, K, H) LLM-width states (random: the heads are linear in them)
+
+    @property
+    def k(self) -> int:
+        """Vision tokens of the first image."""
+        return int(self.clusters.num_tokens[0])
+
+
+def lazy(target: str) -> Callable[..., Any]:
+    """`module:function`, imported on the first call (keeps this registry free of torch)."""
+    module, name = target.split(":")
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = target
+    return call
+
+
+TRACE = lazy("setok.export.onnx:export_module")  # torch.onnx.export of the stage's module
+COMPARE = lazy("setok.export.validate:validate_module")  # ONNX Runtime against the module, per output
+
+
+def _always(cfg: SetokimConfig) -> bool:
+    return True
+
+
+def _no_record(model: Setokim) -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
-    inputs: dict[str, tuple[str, Callable[[SetokimConfig], Shape]]]  # name -> (dtype, shape)
-    outputs: dict[str, tuple[str, Callable[[SetokimConfig], Shape]]]
-    module: Callable[[Setokim], nn.Module] | None  # None: the stage has its own exporter
+    specs: Callable[[Setokim], Specs]  # (inputs, outputs) in graph order
+    example: Callable[[Flow], dict[str, Tensor]]  # what the validator feeds both sides
+    module: Callable[[Setokim], nn.Module]  # the PyTorch reference (what the default exporter traces)
+    export: Callable[..., Path] = TRACE  # (stage, model, out_dir, opset, example) -> the written file
+    validate: Callable[..., list] = COMPARE  # (stage, model, path, example) -> comparisons, or ValidationError
     tolerance: Tolerance = field(default_factory=Tolerance)
-    applies: Callable[[SetokimConfig], bool] = lambda cfg: True
+    applies: Callable[[SetokimConfig], bool] = _always
+    quantize: bool = True  # may `setok calibrate` give it INT8 weights / Q/DQ
+    float_reason: str = ""  # why not, when it may not
+    form_of: str | None = None  # another graph of that stage: the runtime and TensorRT pick one
+    custom_op: M.CustomOp | None = None  # a non-standard op in the graph (plugin)
+    files: tuple[tuple[str, str], ...] = ()  # (manifest role, file) its exporter writes beside the graph
+    record: Callable[[Setokim], dict[str, Any]] = _no_record  # more of its manifest `extra`
 
     @property
     def file(self) -> str:
         return f"{self.name}.onnx"
 
-    def specs(self, cfg: SetokimConfig, which: str) -> list[M.TensorSpec]:
-        decl = self.inputs if which == "inputs" else self.outputs
-        return [M.TensorSpec(n, dt, list(shape(cfg))) for n, (dt, shape) in decl.items()]
+    def extra(self, model: Setokim) -> dict[str, Any]:
+        """The manifest entry's `extra`: the custom op it holds and the stage's own records."""
+        return {**(self.custom_op.record() if self.custom_op else {}), **self.record(model)}
 
 
 STAGES: dict[str, Stage] = {}
 
 
-def register(stage: Stage) -> Stage:
-    if stage.name in STAGES:
+def register(stage: Stage, registry: dict[str, Stage] | None = None) -> Stage:
+    """Add `stage` (to `registry`, default the package's; tests register toy stages on a copy)."""
+    registry = STAGES if registry is None else registry
+    if stage.name in registry:
         raise ValueError(f"stage {stage.name!r} is registered twice")
-    STAGES[stage.name] = stage
+    registry[stage.name] = stage
     return stage
 
 
@@ -63,95 +123,134 @@ def stage(name: str) -> Stage:
     return STAGES[name]
 
 
-# ---- the torch modules each stage exports -------------------------------------------------
-class ClusterStage(nn.Module):
-    def __init__(self, vision):
-        super().__init__()
-        self.vision = vision
-
-    def forward(self, patch_features: Tensor):
-        c = self.vision.cluster(patch_features)
-        return c.assignment, c.num_tokens, c.centers
+# ---- specs: (dtype, shape) per tensor; shapes from the model (ints fixed, strings symbolic) -------
+ShapeFn = Callable[["Setokim"], tuple]
 
 
-class SegHead(nn.Module):
-    """Score each vision token's hidden state against the expression's last hidden state."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.q, self.k = model.seg_query, model.seg_key
-
-    def forward(self, query_hidden: Tensor, token_hidden: Tensor) -> Tensor:
-        q = self.q(query_hidden).unsqueeze(-1)  # (B, H, 1)
-        return (self.k(token_hidden) @ q).squeeze(-1) / q.shape[1] ** 0.5  # (B, K)
-
-
-# ---- shapes -------------------------------------------------------------------------------
-def _img(cfg):
-    return ("batch", 3, cfg.encoder.image_size, cfg.encoder.image_size)
-
-
-def _feat(cfg):
-    return ("batch", "num_patches", cfg.encoder.width)
-
-
-def _ids(cfg):
-    return ("batch", "num_patches")
-
-
-def _tokens(cfg):
-    return ("batch", cfg.max_tokens, cfg.merger.token_dim)
-
-
-def _hidden_size(cfg):
-    return cfg.llm.hidden_size
+def io(inputs: dict[str, tuple[str, ShapeFn]], outputs: dict[str, tuple[str, ShapeFn]]) -> Callable[[Setokim], Specs]:
+    def specs(model: Setokim) -> Specs:
+        return tuple([M.TensorSpec(n, dt, list(shape(model))) for n, (dt, shape) in d.items()]
+                     for d in (inputs, outputs))
+    return specs
 
 
 F32, I64 = "float32", "int64"
 
-register(Stage("encoder", {M.PIXEL_VALUES: (F32, _img)},
-               {M.PATCH_FEATURES: (F32, lambda c: ("batch", c.encoder.num_patches, c.encoder.width))},
-               lambda m: m.vision.encoder))
-register(Stage("cluster", {M.PATCH_FEATURES: (F32, _feat)},
-               {M.ASSIGNMENT: (I64, _ids), M.NUM_TOKENS: (I64, lambda c: ("batch",)),
-                M.CENTERS: (I64, lambda c: ("batch", c.max_tokens))},
-               lambda m: ClusterStage(m.vision)))
-register(Stage("cluster_plugin", dict(STAGES["cluster"].inputs), dict(STAGES["cluster"].outputs), None,
-               applies=lambda cfg: cfg.tokenizer == "setok"))
-register(Stage("merger", {M.PATCH_FEATURES: (F32, _feat), M.ASSIGNMENT: (I64, _ids), M.NUM_TOKENS: (I64, lambda c: ("batch",))},
-               {M.VISION_TOKENS: (F32, _tokens)}, lambda m: m.vision.merger))
-register(Stage("projector", {M.VISION_TOKENS: (F32, lambda c: ("tokens", c.merger.token_dim))},
-               {M.EMBEDS: (F32, lambda c: ("tokens", _hidden_size(c)))}, lambda m: m.projector))
-register(Stage("llm", {}, {}, None, tolerance=Tolerance(cosine=0.9999, norm_ratio=1e-3)))
-register(Stage("regress_head", {M.HIDDEN: (F32, lambda c: ("tokens", _hidden_size(c)))},
-               {M.VISION_TOKENS: (F32, lambda c: ("tokens", c.merger.token_dim))}, lambda m: m.regress))
-register(Stage("seg_head", {M.QUERY_HIDDEN: (F32, lambda c: ("batch", _hidden_size(c))),
-                            M.TOKEN_HIDDEN: (F32, lambda c: ("batch", "tokens", _hidden_size(c)))},
-               {M.SEG_LOGITS: (F32, lambda c: ("batch", "tokens"))}, SegHead))
-register(Stage("detokenizer", {M.VISION_TOKENS: (F32, _tokens), M.NUM_TOKENS: (I64, lambda c: ("batch",))},
-               {M.IMAGE: (F32, _img)}, lambda m: m.vision.detokenizer))
+
+def _img(m: Setokim) -> tuple:
+    return ("batch", 3, m.cfg.encoder.image_size, m.cfg.encoder.image_size)
 
 
-# ---- example inputs: real scenes through the torch stages before ----------------------------
-@torch.no_grad()
-def examples(model, n: int = 2, seed: int = 11) -> dict[str, dict[str, Tensor]]:
-    """Inputs for every torch-exported stage, from held-out scenes flowing through the model."""
+def _feat(m: Setokim) -> tuple:
+    return ("batch", "num_patches", m.cfg.encoder.width)
+
+
+def _patches(m: Setokim) -> tuple:
+    return ("batch", m.cfg.encoder.num_patches, m.cfg.encoder.width)
+
+
+def _ids(m: Setokim) -> tuple:
+    return ("batch", "num_patches")
+
+
+def _count(m: Setokim) -> tuple:
+    return ("batch",)
+
+
+def _padded(m: Setokim) -> tuple:
+    return ("batch", m.cfg.max_tokens, m.cfg.merger.token_dim)
+
+
+def _tokens(m: Setokim) -> tuple:
+    return ("tokens", m.cfg.merger.token_dim)
+
+
+def _centers(m: Setokim) -> tuple:
+    return ("batch", m.cfg.max_tokens)
+
+
+def _hidden(m: Setokim) -> tuple:
+    return ("tokens", m.llm.config.hidden_size)  # the LLM's own width, whatever its family
+
+
+def _query(m: Setokim) -> tuple:
+    return ("batch", m.llm.config.hidden_size)
+
+
+def _token_hidden(m: Setokim) -> tuple:
+    return ("batch", "tokens", m.llm.config.hidden_size)
+
+
+def _seg(m: Setokim) -> tuple:
+    return ("batch", "tokens")
+
+
+CLUSTER_IO = io({M.PATCH_FEATURES: (F32, _feat)},
+                {M.ASSIGNMENT: (I64, _ids), M.NUM_TOKENS: (I64, _count), M.CENTERS: (I64, _centers)})
+CLUSTER_FLOAT = "stays float: integer-exact clustering"
+
+
+def _cluster_module(m: Setokim) -> nn.Module:
+    from setok.model.vision import ClusterOutputs
+
+    return ClusterOutputs(m.vision)
+
+
+def _seg_module(m: Setokim) -> nn.Module:
+    from setok.model.setokim import SegHead
+
+    return SegHead(m)
+
+
+def _is_setok(cfg: SetokimConfig) -> bool:
+    return cfg.tokenizer == "setok"  # the plugin implements DPC-KNN, not the baselines' tokenizers
+
+
+register(Stage("encoder", io({M.PIXEL_VALUES: (F32, _img)}, {M.PATCH_FEATURES: (F32, _patches)}),
+               lambda f: {M.PIXEL_VALUES: f.pixel_values}, lambda m: m.vision.encoder))
+register(Stage("cluster", CLUSTER_IO, lambda f: {M.PATCH_FEATURES: f.features}, _cluster_module,
+               quantize=False, float_reason=CLUSTER_FLOAT))
+register(Stage("cluster_plugin", CLUSTER_IO, lambda f: {M.PATCH_FEATURES: f.features}, _cluster_module,
+               export=lazy("setok.export.cluster:export_plugin_stage"), applies=_is_setok, quantize=False,
+               float_reason=CLUSTER_FLOAT, form_of="cluster", custom_op=M.CLUSTER_OP))
+register(Stage("merger", io({M.PATCH_FEATURES: (F32, _feat), M.ASSIGNMENT: (I64, _ids), M.NUM_TOKENS: (I64, _count)},
+                            {M.VISION_TOKENS: (F32, _padded)}),
+               lambda f: {M.PATCH_FEATURES: f.features, M.ASSIGNMENT: f.clusters.assignment,
+                          M.NUM_TOKENS: f.clusters.num_tokens},
+               lambda m: m.vision.merger))
+register(Stage("projector", io({M.VISION_TOKENS: (F32, _tokens)}, {M.EMBEDS: (F32, _hidden)}),
+               lambda f: {M.VISION_TOKENS: f.tokens[0, :f.k]}, lambda m: m.projector))
+# The llm's validator draws its own inputs (a left-padded prefill, then a decode step on the cache).
+register(Stage("llm", lazy("setok.export.llm:llm_specs"), lambda f: {}, lambda m: m.llm,
+               export=lazy("setok.export.llm:export_llm_stage"), validate=lazy("setok.export.validate:validate_llm_stage"),
+               tolerance=Tolerance(cosine=0.9999, norm_ratio=1e-3),
+               files=(("embeddings", "llm_embeddings.npy"), ("tokenizer", "tokenizer.json")),
+               record=lazy("setok.export.llm:llm_record")))
+register(Stage("regress_head", io({M.HIDDEN: (F32, _hidden)}, {M.VISION_TOKENS: (F32, _tokens)}),
+               lambda f: {M.HIDDEN: f.hidden[0]}, lambda m: m.regress))
+register(Stage("seg_head", io({M.QUERY_HIDDEN: (F32, _query), M.TOKEN_HIDDEN: (F32, _token_hidden)},
+                              {M.SEG_LOGITS: (F32, _seg)}),
+               lambda f: {M.QUERY_HIDDEN: f.hidden[:, 0], M.TOKEN_HIDDEN: f.hidden}, _seg_module))
+register(Stage("detokenizer", io({M.VISION_TOKENS: (F32, _padded), M.NUM_TOKENS: (I64, _count)}, {M.IMAGE: (F32, _img)}),
+               lambda f: {M.VISION_TOKENS: f.tokens, M.NUM_TOKENS: f.clusters.num_tokens},
+               lambda m: m.vision.detokenizer))
+
+
+# ---- the examples: real scenes through the torch stages before ---------------------------------
+def flow(model: Setokim, n: int = 2, seed: int = 11) -> Flow:
+    """Held-out scenes through encoder, cluster and merger (no gradient)."""
+    import numpy as np
+    import torch
+
     from setok.data.items import eval_items
     from setok.model.encoder import preprocess
 
-    px = preprocess(torch.from_numpy(np.stack([it.image for it in eval_items(n, seed, model.cfg.encoder.image_size)])))
-    feats = model.vision.encoder(px)
-    c = model.vision.cluster(feats)
-    tokens = model.vision.merger(feats, c.assignment, c.num_tokens)
-    k = int(c.num_tokens[0])
+    with torch.no_grad():
+        images = np.stack([it.image for it in eval_items(n, seed, model.cfg.encoder.image_size)])
+        px = preprocess(torch.from_numpy(images))
+        feats = model.vision.encoder(px)
+        c = model.vision.cluster(feats)
+        tokens = model.vision.merger(feats, c.assignment, c.num_tokens)
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, k, model.llm.config.hidden_size, generator=g)
-    return {
-        "encoder": {M.PIXEL_VALUES: px},
-        "cluster": {M.PATCH_FEATURES: feats},
-        "merger": {M.PATCH_FEATURES: feats, M.ASSIGNMENT: c.assignment, M.NUM_TOKENS: c.num_tokens},
-        "projector": {M.VISION_TOKENS: tokens[0, :k]},
-        "regress_head": {M.HIDDEN: hidden[0]},
-        "seg_head": {M.QUERY_HIDDEN: hidden[:, 0], M.TOKEN_HIDDEN: hidden},
-        "detokenizer": {M.VISION_TOKENS: tokens, M.NUM_TOKENS: c.num_tokens},
-    }
+    hidden = torch.randn(n, int(c.num_tokens[0]), model.llm.config.hidden_size, generator=g)
+    return Flow(px, feats, c, tokens, hidden)

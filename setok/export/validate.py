@@ -53,49 +53,41 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray) -> Comparison:
     return Comparison(name, cos, ratio, float(np.max(np.abs(a - b))) if a.size else 0.0)
 
 
-def session(path: Path, plugin: bool = False):
+def session(path: Path, custom_op: str | None = None):
+    """A CPU session for a freshly exported graph (with the custom-op library when it holds one)."""
     import onnxruntime as ort
 
     opts = None
-    if plugin:
-        from setok.runtime.cluster_op import plugin_session_options
+    if custom_op:
+        from setok.backends.onnxrt.custom_op import plugin_session_options
 
-        opts = plugin_session_options()
+        opts = plugin_session_options(custom_op)
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 @torch.no_grad()
-def validate_stage(stage: Stage, model, path: Path, example: dict) -> list[Comparison]:
-    """Run the ONNX file and the torch module on `example`; raise ValidationError on a miss."""
-    if stage.name in OWN_VALIDATORS:  # stages exported by their own exporter check themselves
-        OWN_VALIDATORS[stage.name](model, path)
-        return []
-    build = stage.module or _cluster_module  # cluster_plugin is checked against the torch cluster
-    module = build(model).eval()
-    ref = module(*(example[n] for n in stage.inputs))
+def validate_module(stage: Stage, model, path: Path, example: dict) -> list[Comparison]:
+    """The default validator: run the ONNX file and `stage.module(model)` on `example`; raise
+    ValidationError listing every output that misses the stage's tolerance."""
+    ins, outs = stage.specs(model)
+    ref = stage.module(model).eval()(*(example[s.name] for s in ins))
     ref = ref if isinstance(ref, tuple) else (ref,)
-    feeds = {n: v.numpy() for n, v in example.items() if n in stage.inputs}
-    got = session(path, plugin=stage.name == "cluster_plugin").run(list(stage.outputs), feeds)
-    comps = [compare(n, r.numpy(), g) for n, r, g in zip(stage.outputs, ref, got)]
+    feeds = {s.name: example[s.name].numpy() for s in ins}
+    names = [s.name for s in outs]
+    got = session(path, stage.custom_op.id if stage.custom_op else None).run(names, feeds)
+    comps = [compare(n, r.numpy(), g) for n, r, g in zip(names, ref, got)]
     bad = [f for c in comps for f in c.failures(stage.tolerance)]
     if bad:
         raise ValidationError(f"stage {stage.name} ({path.name}) disagrees with PyTorch: " + "; ".join(bad))
     return comps
 
 
-def _validate_llm(model, path: Path) -> None:
+def validate_llm_stage(stage: Stage, model, path: Path, example: dict) -> list[Comparison]:
+    """The llm's validator: a left-padded prefill and a decode step on each side's own cache."""
     from setok.export.llm import validate_llm
 
     try:
         log.info("llm: %s", validate_llm(model.llm, path))
     except ValueError as e:  # validate_llm names the output and its max difference
-        raise ValidationError(f"stage llm ({path.name}) disagrees with PyTorch: {e}") from None
-
-
-OWN_VALIDATORS = {"llm": _validate_llm}
-
-
-def _cluster_module(model):
-    from setok.export.stages import ClusterStage
-
-    return ClusterStage(model.vision)
+        raise ValidationError(f"stage {stage.name} ({path.name}) disagrees with PyTorch: {e}") from None
+    return []

@@ -106,6 +106,19 @@ class Projector(nn.Module):
         return self.mlp(tokens) + self.where(code)
 
 
+class SegHead(nn.Module):
+    """The seg_head stage: each vision token's hidden state scored against the expression's last
+    hidden state (Setokim.segment_tokens does the same inside its batch)."""
+
+    def __init__(self, model: Setokim):
+        super().__init__()
+        self.q, self.k = model.seg_query, model.seg_key
+
+    def forward(self, query_hidden: Tensor, token_hidden: Tensor) -> Tensor:
+        q = self.q(query_hidden).unsqueeze(-1)  # (B, H) -> (B, H, 1)
+        return (self.k(token_hidden) @ q).squeeze(-1) / q.shape[1] ** 0.5  # (B, K, H) @ (B, H, 1) -> (B, K)
+
+
 class Setokim(nn.Module):
     def __init__(self, cfg: SetokimConfig, tokenizer):
         super().__init__()

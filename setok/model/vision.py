@@ -56,3 +56,15 @@ class VisionTokenizer(nn.Module):
 
     def reconstruct(self, vt: VisionTokens) -> Tensor:
         return self.detokenizer(vt.tokens, vt.clusters.num_tokens)  # (B, 3, H, W)
+
+
+class ClusterOutputs(nn.Module):
+    """The cluster stage as exported: features -> (assignment, num_tokens, centers) tensors."""
+
+    def __init__(self, vision: VisionTokenizer):
+        super().__init__()
+        self.vision = vision
+
+    def forward(self, patch_features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.vision.cluster(patch_features)
+        return c.assignment, c.num_tokens, c.centers

@@ -1,5 +1,5 @@
 # ruff: noqa: UP006, UP007, UP035  (typing.Tuple / Union: the forms tensorrt.plugin documents and checks)
-"""`setok::DensityPeakCluster` as a TensorRT Python plugin (tensorrt.plugin, TensorRT >= 10.8).
+"""The cluster op (`setok.manifest.CLUSTER_OP`) as a TensorRT Python plugin (tensorrt.plugin, TensorRT >= 10.8).
 
 Written against TensorRT's documented `tensorrt.plugin` API (register / impl / aot_impl,
 TensorDesc.shape_expr, from_shape_expr, KernelLaunchParams, SymIntExprs, SymInt32); TensorRT
@@ -26,11 +26,12 @@ import logging
 from types import ModuleType
 from typing import Any, Tuple, Union
 
-from setok.errors import MissingDependency
+from setok.manifest import CLUSTER_OP
+from setok.optional import require
 
 log = logging.getLogger(__name__)
 
-PLUGIN_ID = "setok::DensityPeakCluster"
+PLUGIN_ID = CLUSTER_OP.id
 MAX_PATCHES = 1024  # BLOCK_N of the AOT kernel when N is not a build-time constant
 _MISSING = (
     "TensorRT >= 10.8 with Python plugins (tensorrt.plugin) is needed for the cluster plugin: "
@@ -41,16 +42,11 @@ _registered = False
 
 def _trtp() -> tuple[ModuleType, ModuleType]:
     """(tensorrt, tensorrt.plugin), or MissingDependency (tensorrt-lean has no tensorrt.plugin)."""
-    try:
-        import tensorrt as trt
-        import tensorrt.plugin as trtp
-    except ImportError as e:
-        raise MissingDependency(_MISSING) from e
-    return trt, trtp
+    return require("tensorrt", _MISSING), require("tensorrt.plugin", _MISSING)
 
 
 def register_plugin() -> None:
-    """Register shape function, JIT impl and AOT impl of setok::DensityPeakCluster (once)."""
+    """Register shape function, JIT impl and AOT impl of the cluster op (once)."""
     global _registered
     if _registered:
         return

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from setok import manifest as M
-from setok.errors import InputError
-from setok.runtime.backend import OrtBackend
-from setok.runtime.decode import Decoder, HostDecoder, empty_past, position_feeds
+from setok.backends.base import Backend
+from setok.backends.decode import Decoder, prefill_feeds
+from setok.backends.onnxrt.session import OrtBackend
+from setok.errors import BundleError, InputError
 from setok.runtime.masks import pixel_owners, token_masks
 from setok.runtime.preprocess import normalize, to_rgb_array
 
@@ -66,7 +67,7 @@ class Pipeline:
         self.bundle, self.manifest, self.backend, self.engines = bundle, manifest, backend, engines
         self.spin = spin
         self.providers, self.threads = providers, threads
-        self._backends: dict[str, OrtBackend] = {}
+        self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
         cfg = manifest.config
         self.size = manifest.preprocessing["size"]
@@ -93,29 +94,24 @@ class Pipeline:
             return cls(contract, M.load_manifest(contract, stages=False), backend, providers, threads, engines=bundle)
         raise InputError(f"backend {backend!r}; expected 'onnxruntime' or 'tensorrt'")
 
-    def stage(self, name: str) -> OrtBackend:
+    def stage(self, name: str) -> Backend:
         with self._lock:  # sessions are created once, lazily; ORT sessions are thread-safe to run
             if self.engines is not None:
                 return self._engine(name)
             if name not in self._backends:
                 entry = self.manifest.stage(name)
-                opts = None
-                if name == "cluster_plugin":
-                    from setok.runtime.cluster_op import plugin_session_options
-
-                    opts = plugin_session_options()
                 self._backends[name] = OrtBackend(M.inside(self.bundle, entry.file), entry, self.providers, self.threads,
-                                                  opts, self.spin)
+                                                  self.spin)
             return self._backends[name]
 
-    def _engine(self, name: str):
+    def _engine(self, name: str) -> Backend:
         """TensorRT engines (all opened at once: one CUDA context, shared stream)."""
         if not self._backends:
-            from setok.runtime.trt import open_engines
+            from setok.backends.trt.runner import open_engines
 
             self._backends.update(open_engines(self.engines))
-        # One cluster engine serves both names: it was built from the plugin or the standard form.
-        return self._backends["cluster" if name == "cluster_plugin" else name]
+        # One engine serves a stage and its alternative forms: it was built from one of them.
+        return self._backends[self.manifest.stage(name).serves]
 
     def warmup(self) -> None:
         self.caption(np.zeros((self.size, self.size, 3), np.uint8), max_new_tokens=2)
@@ -154,7 +150,7 @@ class Pipeline:
         out = []
         for i, k in enumerate(int(x) for x in c[M.NUM_TOKENS]):
             if k < 1:  # the plugin's AOT kernel marks rows longer than it was compiled for
-                raise M.BundleError(f"{cluster_stage}: num_tokens={k} for {feats.shape[1]} patches: the cluster engine's "
+                raise BundleError(f"{cluster_stage}: num_tokens={k} for {feats.shape[1]} patches: the cluster engine's "
                                     "kernel was built for fewer patches; rebuild the engines with `setok build`")
             assignment = c[M.ASSIGNMENT][i]
             # each token's cluster at pixel resolution (borders follow colour edges)
@@ -217,9 +213,7 @@ class Pipeline:
             embeds[i, length - p.shape[0]:], mask[i, length - p.shape[0]:] = p, 1
         if length + max_new_tokens > self.manifest.text["max_positions"]:
             raise InputError(f"prompt of {length} tokens + {max_new_tokens} new exceeds the context")
-        llm = self.stage("llm")
-        # TensorRT's device-resident decoder is batch-1; batches take the host-cache loop there.
-        decoder = llm.decoder() if isinstance(llm, OrtBackend) else HostDecoder(llm, self.manifest.stage("llm"))
+        decoder = self.stage("llm").decoder(len(prompts))
         ids: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(len(prompts), bool)
         with timed(t, "llm_prefill"):
@@ -295,7 +289,7 @@ class Pipeline:
         t = vt.timings
         with timed(t, "llm_prefill"):
             out = self._llm(embeds)
-        hidden = out["hidden_states"]  # (1, L, H)
+        hidden = out[M.HIDDEN_STATES]  # (1, L, H)
         with timed(t, "seg_head"):
             logits = self.stage("seg_head").run({M.QUERY_HIDDEN: hidden[:, -1],
                                                  M.TOKEN_HIDDEN: hidden[:, first:first + vt.num_tokens]})[M.SEG_LOGITS]
@@ -311,7 +305,7 @@ class Pipeline:
         embeds = self.embeddings[ids][None]
         slots = [h for tok, h in self._decode(embeds, t, self.max_tokens + 3) if tok == self.ids["<target>"]]
         slots = slots[: self.max_tokens]
-        tokens = np.zeros((1, self.max_tokens, self.embeddings_dim_tokens()), np.float32)
+        tokens = np.zeros((1, self.max_tokens, self.vision_token_dim), np.float32)
         if slots:
             with timed(t, "regress_head"):
                 tokens[0, : len(slots)] = self.stage("regress_head").run({M.HIDDEN: np.stack(slots).astype(np.float32)})[M.VISION_TOKENS]
@@ -326,8 +320,10 @@ class Pipeline:
         img = self.stage("detokenizer").run({M.VISION_TOKENS: tokens, M.NUM_TOKENS: np.array([vt.num_tokens], np.int64)})[M.IMAGE]
         return to_uint8(img[0], self.manifest.preprocessing)
 
-    def embeddings_dim_tokens(self) -> int:
-        return int(self.manifest.stage("regress_head").outputs[0].shape[1])
+    @property
+    def vision_token_dim(self) -> int:
+        """D, the width of one vision token (what the merger emits and the detokenizer reads)."""
+        return int(self.manifest.stage("detokenizer").inputs[0].shape[2])
 
     # ---- decoding ---------------------------------------------------------------------------
     def _as_tokens(self, image: Any) -> Tokens:
@@ -338,14 +334,11 @@ class Pipeline:
 
     def _llm(self, embeds: np.ndarray) -> dict[str, np.ndarray]:
         """One prefill pass returning every output (segmentation reads all hidden states)."""
-        feeds = {"inputs_embeds": embeds, **position_feeds(0, embeds.shape[1]), **empty_past(self.manifest.stage("llm"))}
-        return self.stage("llm").run(feeds)
+        return self.stage("llm").run(prefill_feeds(self.manifest.stage("llm"), embeds))
 
     def _decoder(self) -> Decoder:
-        """The backend's own KV-cache decoder when it has one (cache kept where its tensors live)."""
-        llm = self.stage("llm")
-        make = getattr(llm, "decoder", None)
-        return make() if make is not None else HostDecoder(llm, self.manifest.stage("llm"))
+        """The backend's own KV-cache decoder (cache kept where its tensors live)."""
+        return self.stage("llm").decoder(1)
 
     def _decode(self, embeds: np.ndarray, t: dict[str, float], max_new_tokens: int,
                 temperature: float = 0.0, top_k: int = 0, seed: int | None = None) -> Iterator[tuple[int, np.ndarray]]:

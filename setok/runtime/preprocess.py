@@ -1,4 +1,8 @@
-"""Images in (path, PIL image or numpy array) -> the encoder's float32 NCHW input. No torch."""
+"""Images in (path, PIL image or numpy array) -> the encoder's float32 NCHW input. No torch.
+
+Every problem a user can cause with an image file (missing, empty, corrupt, too large) is an
+InputError whose one-line message names the file and what was expected.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from setok.data.folder import MAX_PIXELS  # refuse decompression bombs before decoding
 from setok.errors import InputError
+
+MAX_PIXELS = 40_000_000  # refuse decompression bombs before decoding
+# Modes whose values are not 8-bit: PIL's convert("RGB") would clip them to white.
+_WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 def to_rgb_array(image: Any, size: int) -> np.ndarray:
@@ -16,8 +23,6 @@ def to_rgb_array(image: Any, size: int) -> np.ndarray:
     from PIL import Image
 
     if isinstance(image, (str, Path)):
-        from setok.data.folder import load_image
-
         return load_image(image, size)
     if isinstance(image, np.ndarray):
         if image.ndim in (2, 3) and image.shape[:2] == (size, size) and image.dtype == np.uint8:
@@ -31,8 +36,6 @@ def to_rgb_array(image: Any, size: int) -> np.ndarray:
         raise InputError(f"image: got {type(image).__name__}; expected a path, a PIL image or a numpy array")
     if image.width * image.height > MAX_PIXELS:
         raise InputError(f"image: {image.width}x{image.height} is over {MAX_PIXELS} pixels; refusing it")
-    from setok.data.folder import fit_image
-
     return fit_image(image, size)
 
 
@@ -60,3 +63,72 @@ def normalize(rgb: np.ndarray, mean, std) -> np.ndarray:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32."""
     x = rgb.astype(np.float32).transpose(0, 3, 1, 2) / 255.0  # (B, H, W, 3) -> (B, 3, H, W)
     return (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
+
+
+def _wide_to_rgb(im):
+    """16/32-bit or float grayscale -> 8-bit RGB, scaling instead of clipping."""
+    from PIL import Image
+
+    arr = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16") or arr.max(initial=0) > 255:
+        arr = arr / 257.0  # 65535 -> 255
+    gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    if im.mode in _WIDE_MODES:
+        return _wide_to_rgb(im)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels carry arbitrary colour; composite on white like a viewer would.
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _resize_crop(im, size: int):
+    """Shorter side to `size` (bicubic), then the centered size x size crop."""
+    from PIL import Image
+
+    w, h = im.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """RGB uint8 (size, size, 3) from any image file PIL reads."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise InputError(f"image size must be a positive integer, got {size!r}")
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: image file does not exist")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: image file is empty (0 bytes)")
+    try:
+        with Image.open(p) as im:
+            w, h = im.size  # header only: Image.open is lazy, so this check precedes decoding
+            if w * h > MAX_PIXELS:
+                raise InputError(f"{p}: image is {w}x{h} = {w * h} pixels; at most {MAX_PIXELS} are allowed")
+            return fit_image(im, size)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise InputError(f"{p}: not a readable image ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        # PIL reports truncated / corrupt data and unsupported conversions with these.
+        raise InputError(f"{p}: corrupt or unsupported image ({e})") from None
+
+
+def fit_image(im, size: int) -> np.ndarray:
+    """An opened PIL image -> (size, size, 3) uint8: EXIF orientation, RGB, resize, center crop."""
+    from PIL import ImageOps
+
+    return np.asarray(_resize_crop(_to_rgb(ImageOps.exif_transpose(im)), size), dtype=np.uint8)

@@ -26,10 +26,14 @@ log = logging.getLogger("setok_pipeline")
 SETTINGS_FILE = "setok_pipeline.json"
 TOKENIZER_FILE = "tokenizer.json"
 EMBEDDINGS_FILE = "llm_embeddings.npy"
-# Tensor names of the stage models (they mirror setok.manifest; a test keeps them in step).
+# Tensor names of the stage models (they mirror setok.manifest; a test keeps them in step). The
+# KV-cache names come from the settings (the manifest's), never from here.
 PIXEL_VALUES, PATCH_FEATURES = "pixel_values", "patch_features"
 ASSIGNMENT, NUM_TOKENS, VISION_TOKENS, EMBEDS = "assignment", "num_tokens", "vision_tokens", "embeds"
 LOGITS = "logits"
+INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS = "inputs_embeds", "attention_mask", "position_ids"
+# The stage models this one calls by name (the cluster stage's name comes from the settings).
+CHAINED_STAGES = ("encoder", "merger", "projector", "llm")
 MAX_PIXELS = 40_000_000  # as setok's loader: refuse absurd images before resizing
 
 # call(model_name, inputs, requested_output_names) -> outputs; BLS on the server, anything in tests.
@@ -40,7 +44,7 @@ class RequestError(ValueError):
     """A bad request (image, question) or a failed stage call: answered as an error, not a crash."""
 
 
-# ---- preprocessing (mirrors setok.runtime.preprocess / setok.data.folder) -----------------------
+# ---- preprocessing (mirrors setok.runtime.preprocess) ------------------------------------------
 def preprocess(image: np.ndarray, size: int, mean: list[float], std: list[float]) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (1, 3, size, size) float32: shorter side to size (bicubic), center crop."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -79,7 +83,7 @@ class SetokPipeline:
         self.s, self.embeddings, self.tokenizer, self.call = settings, embeddings, tokenizer, call
         self.ids = settings["special_ids"]
         self.past_names = [p["name"] for p in settings["past"]]
-        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        self.present_names = [p["present"] for p in settings["past"]]
 
     def answer(self, image: np.ndarray, question: str, max_new_tokens: int) -> tuple[str, int]:
         """The answer text and the number of vision tokens the LLM saw."""
@@ -131,8 +135,8 @@ class SetokPipeline:
 
     def llm(self, embeds: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
         n = embeds.shape[1]
-        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, past_len + n), np.int64),
-                 "position_ids": np.arange(past_len, past_len + n, dtype=np.int64)[None], **past}
+        feeds = {INPUTS_EMBEDS: embeds, ATTENTION_MASK: np.ones((1, past_len + n), np.int64),
+                 POSITION_IDS: np.arange(past_len, past_len + n, dtype=np.int64)[None], **past}
         return self.call("llm", feeds, [LOGITS, *self.present_names])
 
     def empty_past(self) -> dict[str, np.ndarray]:

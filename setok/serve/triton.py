@@ -26,10 +26,6 @@ PIPELINE_MODEL = "setok_pipeline"
 VERSION = "1"
 SETTINGS_FILE = "setok_pipeline.json"  # read by model.py; the server has no setok to read a manifest
 ENGINES_MANIFEST = "engines.json"
-# The plugin graph holds setok::DensityPeakCluster, which Triton's stock ORT backend cannot load
-# (it would need our custom-op library); the standard `cluster` graph computes the same thing.
-SKIPPED_STAGES = {"cluster_plugin": "needs the setok::DensityPeakCluster custom op, which Triton's "
-                                    "onnxruntime backend does not load; the standard `cluster` stage is served instead"}
 DEFAULT_MAX_NEW_TOKENS = 8  # the runtime's default for answer()
 
 TRITON_DTYPES = {
@@ -95,10 +91,10 @@ def export_triton(bundle_or_engines: str | Path, out: str | Path, device: str = 
     bundle_dir = _bundle_dir(src, bundle, is_engines)
     manifest = M.load_manifest(bundle_dir)  # verifies every file's sha256 before anything is copied
     _check_pipeline_stages(manifest)
-    skipped = dict(SKIPPED_STAGES) if any(s.name in SKIPPED_STAGES for s in manifest.stages) else {}
+    skipped = skipped_stages(manifest)
     engines = _engine_stages(src, bundle_dir, skipped) if is_engines else {}
     stages = [engines.get(e.name) or _onnx_stage(bundle_dir, e, KINDS[device])
-              for e in manifest.stages if e.name not in SKIPPED_STAGES]
+              for e in manifest.stages if e.name not in skipped]
     with atomic_dir(out) as tmp:
         for stage in stages:
             _write_stage(tmp, stage)
@@ -120,11 +116,10 @@ def _bundle_dir(src: Path, bundle: str | Path | None, is_engines: bool) -> Path:
 
 def _engine_stages(engines_dir: Path, bundle: Path, skipped: dict[str, str]) -> dict[str, ServedStage]:
     """Stage name -> plan for every engine Triton's TensorRT backend can load as it is."""
-    try:
-        from setok.engines.manifest import load_engines_manifest
-    except ImportError:
-        raise InputError("TensorRT engines directories need setok.engines, which this build lacks; "
-                         "pass the bundle directory instead") from None
+    from setok.backends.trt.engines import (
+        load_engines_manifest,  # pure: no tensorrt import
+    )
+
     em = load_engines_manifest(engines_dir)  # verifies every plan's sha256
     if em.bundle_manifest_sha256 != M.sha256(bundle / M.MANIFEST):
         raise InputError(f"{engines_dir} was built from another bundle than {bundle} (manifest sha256 differs)")
@@ -133,7 +128,7 @@ def _engine_stages(engines_dir: Path, bundle: Path, skipped: dict[str, str]) -> 
         if e.plugin:
             # The plugin is registered from Python (or a library) inside setok; Triton's TensorRT
             # backend would need it preloaded, so this stage is served from the bundle's ONNX.
-            skipped[f"{e.stage} (TensorRT engine)"] = ("built with the setok::DensityPeakCluster plugin, which "
+            skipped[f"{e.stage} (TensorRT engine)"] = (f"built with the {e.plugin.get('id') or e.stage} plugin, which "
                                                       "Triton's tensorrt backend does not load; served as ONNX instead")
             continue
         served[e.stage] = ServedStage(e.stage, e.precision, e.inputs, e.outputs, "tensorrt_plan", KINDS["gpu"],
@@ -141,9 +136,19 @@ def _engine_stages(engines_dir: Path, bundle: Path, skipped: dict[str, str]) -> 
     return served
 
 
+def skipped_stages(manifest: M.Manifest) -> dict[str, str]:
+    """Stage -> why it is not served. A graph holding a custom op would need our custom-op
+    library in Triton's stock onnxruntime backend; the stage it is a form of computes the same."""
+    return {s.name: f"needs the {s.custom_op} custom op, which Triton's onnxruntime backend does not load; "
+                    f"the standard `{s.serves}` stage is served instead"
+            for s in manifest.stages if s.custom_op and s.form_of}
+
+
 def _check_pipeline_stages(manifest: M.Manifest) -> None:
+    from setok.serve.model_py import CHAINED_STAGES
+
     names = {s.name for s in manifest.stages}
-    missing = {"encoder", "cluster", "merger", "projector", "llm"} - names
+    missing = set(CHAINED_STAGES) - names
     if missing:
         raise M.BundleError(f"bundle lacks the stages {sorted(missing)} that setok_pipeline chains")
     if "embeddings" not in manifest.files or "tokenizer" not in manifest.files:
@@ -246,12 +251,15 @@ def pipeline_config(max_new_tokens: int) -> str:
 def pipeline_settings(manifest: M.Manifest) -> dict:
     """What model.py needs from the manifest (the server side has no setok to read one)."""
     pre, text = manifest.preprocessing, manifest.text
-    past = [{"name": s.name, "heads": int(s.shape[1]), "head_dim": int(s.shape[3])}
-            for s in manifest.stage("llm").inputs if s.name.startswith("past_key_values.")]
+    llm = manifest.stage("llm")
+    present = dict(zip(llm.kv_cache.past, llm.kv_cache.present))
+    past = [{"name": s.name, "present": present[s.name], "heads": int(s.shape[1]), "head_dim": int(s.shape[3])}
+            for s in llm.inputs if s.name in present]
+    standard = [s.name for s in manifest.forms("cluster") if not s.custom_op]
     return {
         "setok_version": manifest.setok_version, "size": pre["size"], "mean": pre["mean"], "std": pre["std"],
         "special_ids": text["special_ids"], "question_prompt": text["prompts"]["question"],
-        "max_positions": text["max_positions"], "past": past, "cluster_stage": "cluster",
+        "max_positions": text["max_positions"], "past": past, "cluster_stage": standard[0],
     }
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from setok import manifest as M
 from setok.calibration import calibrate_bundle
-from setok.calibration import data as D
+from setok.calibration import feeds as D
 from setok.calibration import ranges as R
 from setok.errors import InputError, MissingDependency
 
@@ -235,7 +235,7 @@ def test_task_gate_passes_on_the_tiny_bundle(tiny_bundle, tmp_path):
 
 def test_dynamic_quantizer_writes_a_cpu_int8_bundle_tensorrt_refuses(tiny_bundle, tmp_path):
     """--quantizer dynamic: int8 weights, activations quantized per run; no Q/DQ, no range files."""
-    from setok.engines.build import build_engines
+    from setok.backends.trt.build import build_engines
     from setok.runtime.pipeline import Pipeline
 
     rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["encoder", "llm"], quantizer="dynamic",
@@ -255,3 +255,21 @@ def test_dynamic_quantizer_writes_a_cpu_int8_bundle_tensorrt_refuses(tiny_bundle
     assert a.num_tokens == b.num_tokens
     with pytest.raises(InputError, match="dynamically quantized"):
         build_engines(tmp_path / "b", tmp_path / "engines")
+
+
+def test_weight_bits_follow_the_cpu(int8):
+    """7-bit weights where ORT's x86 int8 GEMM would saturate (no VNNI), 8 elsewhere; recorded."""
+    from onnx import numpy_helper
+
+    from setok.calibration.quantize import weight_reduce_range
+
+    out, report = int8
+    bits = 7 if weight_reduce_range() else 8
+    assert report["weight_bits"] == bits
+    m = M.load_manifest(out)
+    for st in QUANTIZED:
+        entry = m.stage(st)
+        assert entry.extra["weight_bits"] == bits, st
+        ints = [numpy_helper.to_array(t) for t in _graph(out / entry.file).initializer if t.data_type == onnx.TensorProto.INT8]
+        peak = max(int(np.abs(w.astype(np.int32)).max()) for w in ints if w.size > 1)
+        assert 2 ** (bits - 2) < peak <= 2 ** (bits - 1), (st, peak)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from setok.data.folder import Sample, load_folder, load_image
+from setok.data.folder import Sample, load_folder
 from setok.errors import InputError
+from setok.runtime.preprocess import load_image
 
 
 def write_folder(root, lines, images=("a.png", "b.png")):

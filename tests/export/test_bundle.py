@@ -10,9 +10,9 @@ import torch
 
 from setok import manifest as M
 from setok.errors import CheckpointError
-from setok.export.onnx import export_bundle, export_stage
-from setok.export.stages import STAGES, Stage, examples, register
-from setok.export.validate import ValidationError, validate_stage
+from setok.export.onnx import export_bundle
+from setok.export.stages import STAGES, flow, register
+from setok.export.validate import ValidationError
 from setok.model.setokim import Setokim
 
 
@@ -52,18 +52,19 @@ def test_cluster_contract(tiny_bundle):
 
 def test_registry_rejects_duplicates():
     with pytest.raises(ValueError, match="twice"):
-        register(Stage("encoder", {}, {}, None))
+        register(STAGES["encoder"])
 
 
 def test_validation_names_the_failing_stage_and_output(tiny_ckpt, tmp_path):
     model = Setokim.from_pretrained(tiny_ckpt)
-    ex = examples(model)
-    path = export_stage(STAGES["detokenizer"], model, tmp_path, 17, ex["detokenizer"])
-    validate_stage(STAGES["detokenizer"], model, path, ex["detokenizer"])
+    st = STAGES["detokenizer"]
+    example = st.example(flow(model))
+    path = st.export(st, model, tmp_path, 17, example)
+    st.validate(st, model, path, example)
     with torch.no_grad():
         model.vision.detokenizer.head.weight.mul_(1.5)  # what a stale or wrong export looks like
     with pytest.raises(ValidationError, match="detokenizer.*image"):
-        validate_stage(STAGES["detokenizer"], model, path, ex["detokenizer"])
+        st.validate(st, model, path, example)
 
 
 def test_failed_export_leaves_old_bundle(tiny_ckpt, tiny_bundle, tmp_path):

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from setok.backends.onnxrt import custom_op as cluster_op
 from setok.config import ClusterConfig
 from setok.errors import MissingDependency
 from setok.export.cluster import (
@@ -22,7 +23,6 @@ from setok.export.cluster import (
     export_cluster_plugin,
 )
 from setok.model.cluster import density_peaks, dpc_knn
-from setok.runtime import cluster_op
 
 Outputs = list[np.ndarray]
 CFG = ClusterConfig()
@@ -194,7 +194,7 @@ def test_missing_extensions_raises(monkeypatch) -> None:
 
 
 def test_runtime_module_does_not_import_torch() -> None:
-    code = "import sys, setok.runtime.cluster_op; print('torch' in sys.modules)"
+    code = "import sys, setok.backends.onnxrt.custom_op; print('torch' in sys.modules)"
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr

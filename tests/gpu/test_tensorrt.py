@@ -15,7 +15,7 @@ def _skip_reason() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
         return "tensorrt is not installed (pip install 'setok[gpu]' on a machine with an NVIDIA GPU, TensorRT >= 10.8)"
     try:
-        from setok.runtime.trt import device_info
+        from setok.backends.trt.runner import device_info
 
         device_info()
     except Exception as e:  # noqa: BLE001 - any failure here means: no usable GPU
@@ -28,10 +28,10 @@ if _REASON:
     pytest.skip(_REASON, allow_module_level=True)
 
 from setok import manifest as M
-from setok.engines import build_engines, load_engines_manifest
+from setok.backends.onnxrt.session import OrtBackend
+from setok.backends.trt import build_engines, load_engines_manifest
+from setok.backends.trt.runner import open_engines
 from setok.errors import InputError
-from setok.runtime.backend import OrtBackend
-from setok.runtime.trt import open_engines
 
 
 def _images(manifest, n=2) -> np.ndarray:
@@ -153,9 +153,9 @@ def test_cluster_plugin_equals_the_reference_exactly(tiny_bundle, tmp_path, feed
 
 def test_pipeline_on_engines_agrees_with_onnxruntime_end_to_end(engines, tiny_bundle, request):
     """Greedy answers and captions through TensorRT (device-resident KV cache) vs ONNX Runtime."""
+    from setok.backends.trt.runner import TrtDecoder
     from setok.data.items import eval_items
     from setok.runtime import Pipeline
-    from setok.runtime.trt import TrtDecoder
 
     trt_pipe, ort_pipe = Pipeline.open(engines, backend="tensorrt"), Pipeline.open(tiny_bundle)
     try:

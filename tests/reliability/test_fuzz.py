@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from setok.data.folder import load_image
 from setok.errors import InputError, SetokError
 from setok.manifest import load_manifest
+from setok.runtime.preprocess import load_image
 
 
 def _png() -> bytes:

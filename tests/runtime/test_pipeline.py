@@ -113,8 +113,7 @@ def test_image_inputs_are_equivalent(pipe, scenes, tmp_path):
 
 
 def test_right_sized_arrays_skip_pil_and_match_it():
-    from setok.data.folder import fit_image
-    from setok.runtime.preprocess import to_rgb_array
+    from setok.runtime.preprocess import fit_image, to_rgb_array
 
     rng = np.random.default_rng(3)
     for shape in ((64, 64, 3), (64, 64, 4), (64, 64)):

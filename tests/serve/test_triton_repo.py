@@ -14,7 +14,7 @@ import pytest
 from setok import manifest as M
 from setok.errors import InputError
 from setok.serve import export_triton
-from setok.serve.triton import PIPELINE_MODEL, SKIPPED_STAGES, is_batchable
+from setok.serve.triton import PIPELINE_MODEL, is_batchable, skipped_stages
 
 ONNX_TO_TRITON = {"FLOAT": "TYPE_FP32", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FLOAT16": "TYPE_FP16"}
 
@@ -96,8 +96,10 @@ def configs(repo: Path) -> dict[str, dict]:
 
 # ---- the repository -----------------------------------------------------------------------------
 def test_one_model_per_stage_and_the_pipeline(repo, tiny_bundle):
-    stages = [s.name for s in M.load_manifest(tiny_bundle).stages]
-    expected = {s for s in stages if s not in SKIPPED_STAGES} | {PIPELINE_MODEL}
+    manifest = M.load_manifest(tiny_bundle)
+    stages = [s.name for s in manifest.stages]
+    assert set(skipped_stages(manifest)) == {"cluster_plugin"}  # the custom-op form, derived from the manifest
+    expected = {s for s in stages if s not in skipped_stages(manifest)} | {PIPELINE_MODEL}
     assert set(configs(repo)) == expected
     assert "cluster_plugin" in stages and not (repo / "cluster_plugin").exists()
     assert "cluster_plugin" in (repo / "README.md").read_text()
@@ -163,7 +165,7 @@ def test_batching_advice_follows_the_shapes(repo, tiny_bundle):
 def test_referenced_files_exist_and_match_the_bundle(repo, tiny_bundle):
     m = M.load_manifest(tiny_bundle)
     for entry in m.stages:
-        if entry.name not in SKIPPED_STAGES:
+        if entry.name not in skipped_stages(m):
             assert M.sha256(repo / entry.name / "1" / "model.onnx") == entry.sha256
     version = repo / PIPELINE_MODEL / "1"
     for f in ("model.py", "tokenizer.json", "llm_embeddings.npy", "setok_pipeline.json"):
@@ -199,7 +201,8 @@ def test_model_py_compiles_and_is_torch_free(repo, tmp_path):
 def test_model_py_tensor_names_follow_the_manifest():
     from setok.serve import model_py
 
-    for name in ("PIXEL_VALUES", "PATCH_FEATURES", "ASSIGNMENT", "NUM_TOKENS", "VISION_TOKENS", "EMBEDS"):
+    for name in ("PIXEL_VALUES", "PATCH_FEATURES", "ASSIGNMENT", "NUM_TOKENS", "VISION_TOKENS", "EMBEDS", "LOGITS",
+                 "INPUTS_EMBEDS", "ATTENTION_MASK", "POSITION_IDS"):
         assert getattr(model_py, name) == getattr(M, name)
 
 
@@ -288,7 +291,7 @@ def test_export_replaces_an_existing_repository(tiny_bundle, tmp_path):
 
 def _fake_engines(tiny_bundle: Path, folder: Path) -> Path:
     """An engines directory as `setok build` writes it, with stand-in plan bytes (no GPU needed)."""
-    from setok.engines.manifest import EngineEntry, EnginesManifest
+    from setok.backends.trt.engines import EngineEntry, EnginesManifest
 
     m = M.load_manifest(tiny_bundle)
     folder.mkdir()
@@ -303,7 +306,7 @@ def _fake_engines(tiny_bundle: Path, folder: Path) -> Path:
 
 
 def test_engines_directory_serves_plans_on_the_gpu(tiny_bundle, tmp_path):
-    pytest.importorskip("setok.engines.manifest")
+    pytest.importorskip("setok.backends.trt.engines")
     engines = _fake_engines(tiny_bundle, tmp_path / "engines")
     with pytest.raises(InputError, match="bundle="):
         export_triton(engines, tmp_path / "repo")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from setok.errors import InputError
+from setok.io import save_png
 from setok.runtime.pipeline import Pipeline
 
 PALETTE = np.random.default_rng(7).integers(40, 255, size=(1024, 3)).astype(np.uint8)
@@ -30,14 +31,14 @@ def run_bundle(bundle: Path, image: Path | None, ask: str | None, expression: st
             seg = pipe.segment(vt, expression)
             result.update(segment_tokens=np.flatnonzero(seg.selected).tolist(), segment_pixels=int(seg.mask.sum()))
         if save_masks:
-            _save_png(save_masks, mask_panel(pipe, vt, image, seg))
+            save_png(save_masks, mask_panel(pipe, vt, image, seg))
             result["masks_png"] = str(save_masks)
         result["timings"] = {k: round(v * 1000, 3) for k, v in vt.timings.items()}
     if generate:
         gen = pipe.generate_image(generate)
         result["generated_tokens"] = gen.num_tokens
         if save_image:
-            _save_png(save_image, gen.image)
+            save_png(save_image, gen.image)
             result["image_png"] = str(save_image)
     return result
 
@@ -53,21 +54,3 @@ def mask_panel(pipe: Pipeline, vt, image, seg) -> np.ndarray:
         tiles.append(np.where(seg.mask[..., None], rgb, rgb // 4).astype(np.uint8))
     panel = np.concatenate(tiles, 1)
     return panel.repeat(4, 0).repeat(4, 1)
-
-
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    import os
-    import tempfile
-
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -2,9 +2,10 @@
 
 import numpy as np
 
+from setok.backends.decode import HostDecoder
+from setok.backends.onnxrt.decoder import OrtDecoder
 from setok.data.items import eval_items
 from setok.runtime import Pipeline
-from setok.runtime.decode import HostDecoder, OrtDecoder
 
 
 def test_io_bound_decoder_matches_the_host_loop(tiny_bundle):

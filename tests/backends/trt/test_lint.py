@@ -9,7 +9,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from setok.lint import PLUGIN_OPS, Finding, lint_bundle, lint_model, load_table
+from setok.backends.trt.lint import (
+    PLUGIN_OPS,
+    Finding,
+    lint_bundle,
+    lint_model,
+    load_table,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,7 @@ def _ivec(name: str, shape=("batch", "n")):
 
 # ---- the table --------------------------------------------------------------------------------
 def test_table_parses_with_source_and_version():
-    raw = json.loads(resources.files("setok.data").joinpath("trt_onnx_ops.json").read_text())
+    raw = json.loads(resources.files("setok.backends.trt").joinpath("trt_onnx_ops.json").read_text())
     assert raw["source"] == "onnx/onnx-tensorrt docs/operators.md"
     assert raw["tensorrt_version"].startswith("10.")
     assert len(raw["ops"]) > 100

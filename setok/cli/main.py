@@ -76,7 +76,7 @@ def train(**kw) -> None:
 @user_errors
 def eval_(target: Path, json_out: Path | None, n: int, seed: int, backend: str) -> None:
     """Evaluate a checkpoint, or an exported bundle, on held-out synthetic scenes."""
-    from setok.evaluate import evaluate_bundle, evaluate_checkpoint
+    from setok.eval.evaluation import evaluate_bundle, evaluate_checkpoint
     from setok.io import write_json
 
     if (target / "manifest.json").is_file() or (target / "engines.json").is_file():
@@ -95,7 +95,7 @@ def eval_(target: Path, json_out: Path | None, n: int, seed: int, backend: str) 
 @user_errors
 def demo(ckpt: Path | None, out: Path, n: int) -> None:
     """Evaluate a reference checkpoint and show what it does on a few scenes."""
-    from setok.demo import run_demo
+    from setok.cli.demo import run_demo
 
     run_demo(ckpt, out, n, echo=click.echo)
 
@@ -127,7 +127,7 @@ def export(ckpt: Path, out: Path, opset: int, max_tokens: int | None) -> None:
 def run(bundle: Path, image: Path | None, ask: str | None, expression: str | None, generate: str | None,
         save_masks: Path | None, save_image: Path | None, as_json: bool) -> None:
     """Run a bundle with the torch-free runtime."""
-    from setok.runtime.cli_run import run_bundle
+    from setok.cli.run import run_bundle
 
     result = run_bundle(bundle, image, ask, expression, generate, save_masks, save_image)
     if as_json:
@@ -148,8 +148,8 @@ def run(bundle: Path, image: Path | None, ask: str | None, expression: str | Non
 @user_errors
 def parity(ckpt: Path, bundle: Path, images: Path | None, n: int, precision: str, json_out: Path | None) -> None:
     """Check every exported stage, and the whole chain, against PyTorch."""
+    from setok.export.parity import format_table, run_parity
     from setok.io import write_json
-    from setok.parity import format_table, run_parity
 
     if images is not None and not images.is_dir():
         raise SetokError(f"--images {images}: no such folder; expected a folder of image files")
@@ -197,7 +197,7 @@ def lint(bundle: Path, target: str, trt_version: str, as_json: bool) -> None:
     """Check every node of every stage against TensorRT's ONNX operator support; exit 1 on errors."""
     import dataclasses
 
-    from setok.lint import lint_bundle
+    from setok.backends.trt.lint import lint_bundle
 
     findings = lint_bundle(bundle, target=target, trt_version=trt_version)
     if as_json:
@@ -228,7 +228,7 @@ def lint(bundle: Path, target: str, trt_version: str, as_json: bool) -> None:
 def bench_(targets: tuple[Path, ...], compare: bool, backend: str | None, n: int, warmup: int, max_new_tokens: int,
            batch: int, threads: int | None, json_out: Path | None, plot_out: Path | None) -> None:
     """Per-stage latency (median, p90), time per decoded token, end-to-end image -> answer."""
-    from setok.bench import bench, plot
+    from setok.eval.bench import bench, plot
     from setok.io import write_json
 
     if not targets or (len(targets) > 1 and not compare):
@@ -248,7 +248,7 @@ def bench_(targets: tuple[Path, ...], compare: bool, backend: str | None, n: int
 def doctor(bundle: Path | None, as_json: bool) -> None:
     """Print the environment (versions, usable providers, TensorRT / GPU, plugin); with BUNDLE, exit
     status says whether it can run here (0 yes, 1 no)."""
-    from setok.doctor import check_bundle, environment
+    from setok.cli.doctor import check_bundle, environment
 
     env = environment()
     problems = check_bundle(bundle) if bundle is not None else []
@@ -280,7 +280,7 @@ def doctor(bundle: Path | None, as_json: bool) -> None:
 def build(bundle: Path, out: Path, precision: str, max_batch: int, timing_cache: Path | None,
           version_compatible: bool, cluster_form: str) -> None:
     """Build one TensorRT engine per stage (needs an NVIDIA GPU and TensorRT)."""
-    from setok.engines.build import build_engines
+    from setok.backends.trt.build import build_engines
 
     build_engines(bundle, out, precision, max_batch, timing_cache, version_compatible, cluster_form)
     click.echo(f"engines written to {out}")
@@ -303,7 +303,7 @@ def export_triton_(source: Path, out: Path, device: str, bundle: Path | None, ma
 
 @main.group()
 def plugin() -> None:
-    """The clustering plugin: Triton kernels for the TensorRT plugin setok::DensityPeakCluster."""
+    """The clustering plugin: Triton kernels for the TensorRT plugin of the cluster op."""
 
 
 @plugin.command("compile")

@@ -1,20 +1,22 @@
-"""TensorRT engines from a bundle: optimization profiles, the build, and the engines manifest.
+"""TensorRT: build engines from a bundle, and run them (one engine per stage).
 
 profiles (pure): (min, opt, max) shapes per stage input, profile selection, output buffer sizes.
-manifest (pure): engines.json and the TensorRT-version / GPU compatibility check.
+engines (pure): engines.json and the TensorRT-version / GPU compatibility check.
 build: `build_engines(bundle, out, ...)`; tensorrt is imported only when a build starts.
-The runtime side is setok.runtime.trt.TrtBackend. Importing this package imports no tensorrt.
+runner: `TrtBackend` / `TrtDecoder` (cuda-python buffers, streams, the device-resident KV cache).
+lint: the bundle's graphs against TensorRT's ONNX operator table (`trt_onnx_ops.json`).
+Importing this package imports no tensorrt and no cuda.
 """
 
-from setok.engines.build import build_engines
-from setok.engines.manifest import (
+from setok.backends.trt.build import build_engines
+from setok.backends.trt.engines import (
     ENGINES_MANIFEST,
     EngineEntry,
     EnginesManifest,
     check_compatible,
     load_engines_manifest,
 )
-from setok.engines.profiles import (
+from setok.backends.trt.profiles import (
     Limits,
     Profile,
     buffer_plan,

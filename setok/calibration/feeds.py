@@ -17,8 +17,8 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from setok import manifest as M
+from setok.backends.decode import prefill_feeds
 from setok.errors import InputError
-from setok.runtime.decode import empty_past
 
 log = logging.getLogger(__name__)
 
@@ -97,37 +97,42 @@ def _folder_samples(folder: Path, n: int, size: int) -> list[Sample]:
 
 
 def collect_feeds(pipe, samples: list[Sample], stages: list[str]) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Run the fp32 bundle on every sample; keep each wanted stage's real inputs."""
+    """Run the fp32 bundle on every sample; keep each wanted stage's real inputs. A feed is
+    computed only when its stage is wanted (the LLM runs only for stages that read it)."""
     feeds: dict[str, list[dict]] = {s: [] for s in stages}
-    need_llm = bool({"llm", "regress_head", "seg_head"} & set(stages))
     pre = pipe.manifest.preprocessing
     from setok.runtime.preprocess import normalize
 
     for s in samples:
         px = normalize(s.image[None], pre["mean"], pre["std"])
-        _vision_feeds(pipe, px, s, feeds, need_llm)
+        _vision_feeds(pipe, px, s, feeds)
     return {k: v for k, v in feeds.items() if v}
 
 
-def _vision_feeds(pipe, px: np.ndarray, s: Sample, feeds: dict, need_llm: bool) -> None:
+def _vision_feeds(pipe, px: np.ndarray, s: Sample, feeds: dict) -> None:
     from setok.runtime.pipeline import Tokens
 
-    _add(feeds, "encoder", {M.PIXEL_VALUES: px})
+    _add(feeds, "encoder", lambda: {M.PIXEL_VALUES: px})
     pf = pipe.stage("encoder").run({M.PIXEL_VALUES: px})[M.PATCH_FEATURES]
     c = pipe.stage("cluster").run({M.PATCH_FEATURES: pf})
     merger_in = {M.PATCH_FEATURES: pf, M.ASSIGNMENT: c[M.ASSIGNMENT], M.NUM_TOKENS: c[M.NUM_TOKENS]}
-    _add(feeds, "merger", merger_in)
+    _add(feeds, "merger", lambda: merger_in)
     padded = pipe.stage("merger").run(merger_in)[M.VISION_TOKENS]  # (1, T, D), zero past num_tokens
     k = int(c[M.NUM_TOKENS][0])
-    _add(feeds, "detokenizer", {M.VISION_TOKENS: padded, M.NUM_TOKENS: c[M.NUM_TOKENS]})
+    _add(feeds, "detokenizer", lambda: {M.VISION_TOKENS: padded, M.NUM_TOKENS: c[M.NUM_TOKENS]})
     tokens = np.ascontiguousarray(padded[0, :k])
-    _add(feeds, "projector", {M.VISION_TOKENS: tokens})
-    if need_llm:
-        vt = Tokens(tokens, c[M.ASSIGNMENT][0], c[M.CENTERS][0, :k], np.zeros((k, 1, 1), bool))
-        _language_feeds(pipe, vt, s, feeds)
+    _add(feeds, "projector", lambda: {M.VISION_TOKENS: tokens})
+    vt = Tokens(tokens, c[M.ASSIGNMENT][0], c[M.CENTERS][0, :k], np.zeros((k, 1, 1), bool))
+    _add(feeds, "llm", lambda: _language_feeds(pipe, vt, s, feeds))
+    expr = s.expression or s.caption
+    if expr:
+        _add(feeds, "seg_head", lambda: _refer_feed(pipe, vt, expr, feeds))
+    if s.caption:
+        _add(feeds, "regress_head", lambda: _regress_feed(pipe, s.caption, vt.num_tokens, feeds))
 
 
 def _language_feeds(pipe, vt, s: Sample, feeds: dict) -> None:
+    """The caption and question prompts through the LLM (its feeds are recorded by _llm_run)."""
     prompts = pipe.prompts
     # Teacher forcing: the caption / answer text after the prompt is what the LLM reads in training.
     seqs = [(prompts["caption"], {}, s.caption)]
@@ -138,22 +143,21 @@ def _language_feeds(pipe, vt, s: Sample, feeds: dict) -> None:
         if follow:
             embeds = np.concatenate([embeds, _embed(pipe, pipe._encode(" " + follow))], axis=1)
         _llm_run(pipe, embeds, feeds)
-    expr = s.expression or s.caption
-    if expr and "seg_head" in feeds:
-        embeds, first = pipe._prompt(vt, prompts["refer"], e=expr)
-        hidden = _llm_run(pipe, embeds, feeds)
-        _add(feeds, "seg_head", {M.QUERY_HIDDEN: np.ascontiguousarray(hidden[:, -1]),
-                                 M.TOKEN_HIDDEN: np.ascontiguousarray(hidden[:, first:first + vt.num_tokens])})
-    if s.caption and "regress_head" in feeds:
-        _regress_feeds(pipe, s.caption, vt.num_tokens, feeds)
 
 
-def _regress_feeds(pipe, caption: str, k: int, feeds: dict) -> None:
+def _refer_feed(pipe, vt, expr: str, feeds: dict) -> dict[str, np.ndarray]:
+    embeds, first = pipe._prompt(vt, pipe.prompts["refer"], e=expr)
+    hidden = _llm_run(pipe, embeds, feeds)
+    return {M.QUERY_HIDDEN: np.ascontiguousarray(hidden[:, -1]),
+            M.TOKEN_HIDDEN: np.ascontiguousarray(hidden[:, first:first + vt.num_tokens])}
+
+
+def _regress_feed(pipe, caption: str, k: int, feeds: dict) -> dict[str, np.ndarray]:
     """The draw format the LLM is trained on: <bos> draw.. <im_start> <target>*K; hidden at the slots."""
     ids = [pipe.ids["<bos>"]] + pipe._encode(pipe.prompts["draw"].format(c=caption))
     ids += [pipe.ids["<im_start>"]] + [pipe.ids["<target>"]] * k
     hidden = _llm_run(pipe, _embed(pipe, ids), feeds)
-    _add(feeds, "regress_head", {M.HIDDEN: np.ascontiguousarray(hidden[0, -k:])})
+    return {M.HIDDEN: np.ascontiguousarray(hidden[0, -k:])}
 
 
 def _embed(pipe, ids: list[int]) -> np.ndarray:
@@ -161,14 +165,17 @@ def _embed(pipe, ids: list[int]) -> np.ndarray:
 
 
 def _llm_run(pipe, embeds: np.ndarray, feeds: dict) -> np.ndarray:
-    """Prefill with an empty past, as Pipeline._llm does; records the feed, returns hidden states."""
-    length = embeds.shape[1]
-    feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, length), np.int64),
-            "position_ids": np.arange(length, dtype=np.int64)[None], **empty_past(pipe.manifest.stage("llm"))}
-    _add(feeds, "llm", feed)
-    return pipe.stage("llm").run(feed)["hidden_states"]
+    """Prefill with an empty past, as Pipeline._llm does; records the llm feed (when wanted),
+    returns the hidden states."""
+    feed = prefill_feeds(pipe.manifest.stage("llm"), embeds)
+    feeds.get("llm", []).append(feed)
+    return pipe.stage("llm").run(feed)[M.HIDDEN_STATES]
 
 
-def _add(feeds: dict, stage: str, feed: dict) -> None:
+def _add(feeds: dict, stage: str, make) -> None:
+    """Record `make()` as one feed of `stage` when that stage is wanted (nothing is computed otherwise).
+    A `make` that records its feeds itself (the llm's) returns None."""
     if stage in feeds:
-        feeds[stage].append(feed)
+        feed = make()
+        if feed is not None:
+            feeds[stage].append(feed)

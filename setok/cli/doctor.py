@@ -75,8 +75,9 @@ def check_bundle(bundle: Path) -> list[str]:
     try:
         pipe = Pipeline.open(bundle)
         pipe.caption(np.zeros((pipe.size, pipe.size, 3), np.uint8), max_new_tokens=1)
-        if any(s.name == "cluster_plugin" for s in pipe.manifest.stages) and _importable("onnxruntime_extensions"):
-            pipe.tokenize(np.zeros((pipe.size, pipe.size, 3), np.uint8), cluster_stage="cluster_plugin")
+        for form in pipe.manifest.forms("cluster"):
+            if form.custom_op and _importable("onnxruntime_extensions"):  # the plugin form runs here too
+                pipe.tokenize(np.zeros((pipe.size, pipe.size, 3), np.uint8), cluster_stage=form.name)
     except SetokError as e:
         return [str(e)]
     return []

@@ -19,8 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from setok.engines.manifest import EngineEntry, check_compatible, load_engines_manifest
-from setok.engines.profiles import (
+from setok import manifest as M
+from setok.backends.base import StageIO
+from setok.backends.decode import HostDecoder, position_feeds
+from setok.backends.trt.engines import (
+    EngineEntry,
+    check_compatible,
+    load_engines_manifest,
+)
+from setok.backends.trt.profiles import (
     KvPlan,
     buffer_plan,
     last_row_offset,
@@ -28,16 +35,12 @@ from setok.engines.profiles import (
     resolve_shape,
     select_profile,
 )
-from setok.errors import InputError, MissingDependency
-from setok.manifest import TensorSpec, inside
-from setok.optional import require
-from setok.runtime.backend import check_feeds
-from setok.runtime.decode import position_feeds
+from setok.errors import InputError
+from setok.manifest import inside
+from setok.optional import require, tensorrt
 
 log = logging.getLogger(__name__)
 
-TRT_MISSING = ("tensorrt is needed for the TensorRT backend: pip install 'setok[gpu]' on a machine with an NVIDIA GPU "
-               "(TensorRT >= 10.8; JetPack 6 ships 10.3)")
 CUDA_MISSING = "cuda-python is needed for the TensorRT backend: pip install 'setok[gpu]' (cuda-python >= 12.6)"
 MIN_ALLOC = 256  # TensorRT wants 256-byte aligned, non-null addresses, also for empty tensors (a 0-length past)
 
@@ -46,20 +49,9 @@ class TrtError(RuntimeError):
     """TensorRT or CUDA reported a failure at run time (not a user mistake: keep the traceback)."""
 
 
-def tensorrt() -> ModuleType:
-    return require("tensorrt", TRT_MISSING)
-
-
 def cudart() -> ModuleType:
     """cuda-python's runtime module: `cuda.bindings.runtime` (>= 12.6), else the older `cuda.cudart`."""
-    try:
-        from cuda.bindings import runtime
-    except ImportError:
-        try:
-            from cuda import cudart as runtime
-        except ImportError as e:
-            raise MissingDependency(CUDA_MISSING) from e
-    return runtime
+    return require(("cuda.bindings.runtime", "cuda.cudart"), CUDA_MISSING)
 
 
 def cuda_call(result: Any, what: str) -> Any:
@@ -101,15 +93,14 @@ class DeviceBuffer:
         self.ptr, self.nbytes = 0, 0
 
 
-class TrtBackend:
+class TrtBackend(StageIO):
     """One TensorRT engine for one stage (the Backend protocol: inputs / outputs / run / close)."""
 
     def __init__(self, engine_path: str | Path, entry: EngineEntry, stream: int | None = None,
                  version_compatible: bool = False):
         trt, self.rt = tensorrt(), cudart()
-        self.entry, self.stage = entry, entry.stage
-        self._inputs = {t.name: t for t in entry.inputs}
-        self._outputs = {t.name: t for t in entry.outputs}
+        super().__init__(entry.stage, entry.inputs, entry.outputs)
+        self.entry = entry
         _load_plugin(entry)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -144,14 +135,8 @@ class TrtBackend:
             raise TrtError(f"stage {self.stage}: engine I/O {sorted((n, str(d)) for n, (_, d) in io.items())} "
                            f"does not match engines.json {sorted((n, str(d)) for n, (_, d) in want.items())}")
 
-    def inputs(self) -> dict[str, TensorSpec]:
-        return self._inputs
-
-    def outputs(self) -> dict[str, TensorSpec]:
-        return self._outputs
-
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(self.stage, self._inputs, feeds)
+        self.check(feeds)
         with self._lock:
             return self._run(feeds)
 
@@ -212,9 +197,10 @@ class TrtBackend:
         if not self.context.execute_async_v3(self.stream):
             raise TrtError(f"stage {self.stage}: execute_async_v3 failed (see the TensorRT log above)")
 
-    def decoder(self) -> TrtDecoder:
-        """The llm stage's KV-cache decoder: the cache stays in device memory between steps."""
-        return TrtDecoder(self)
+    def decoder(self, batch: int = 1) -> TrtDecoder | HostDecoder:
+        """The llm stage's KV-cache decoder: the cache stays in device memory between steps. The
+        device-resident decoder is batch-1; batches take the host-cache loop."""
+        return TrtDecoder(self) if batch == 1 else HostDecoder(self, self.entry)
 
     def _copy(self, dst: int, src: int, nbytes: int, kind: str, name: str) -> None:
         if not nbytes:
@@ -244,7 +230,7 @@ class TrtDecoder:
     """Greedy/sampled decoding with a device-resident KV cache.
 
     Two device buffer sets, each sized once for the longest cache (`KvPlan`): step t reads the past
-    from one set and writes `present.*` (past + this step, the graph's Concat) into the other, then
+    from one set and writes the presents (past + this step, the graph's Concat) into the other, then
     they swap. Per step only the new token's embedding, the mask and positions go up, and only the
     last row of logits and hidden state comes back.
     """
@@ -276,7 +262,7 @@ class TrtDecoder:
         new = embeds.shape[1]
         if self.length + new > plan.max_length:
             raise InputError(f"llm: {self.length} cached + {new} new positions exceed the engine's {plan.max_length}")
-        feeds = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32), **position_feeds(self.length, new)}
+        feeds = {M.INPUTS_EMBEDS: np.ascontiguousarray(embeds, np.float32), **position_feeds(self.length, new)}
         shapes = {n: a.shape for n, a in feeds.items()} | {n: plan.past_shape(self.length) for n in plan.past}
         b._use_profile(select_profile(b.entry.profiles, shapes, b.stage))
         for name, arr in feeds.items():
@@ -288,14 +274,14 @@ class TrtDecoder:
         b._bind_outputs(dims, device={plan.present_of(n): present[n].ptr for n in plan.past})
         b._execute()
         last = {}
-        for name in ("logits", "hidden_states"):
+        for name in (M.LOGITS, M.HIDDEN_STATES):
             row = np.empty(resolve_shape(b.outputs()[name], dims)[-1], np.float32)
             b._copy(row.ctypes.data, b._buffers[name].ptr + last_row_offset(new, row.nbytes), row.nbytes,
                     "DeviceToHost", name)
             last[name] = row
         cuda_call(b.rt.cudaStreamSynchronize(b.stream), "cudaStreamSynchronize after a decode step")
         self.current, self.length = 1 - self.current, self.length + new
-        return last["logits"][None], last["hidden_states"][None]
+        return last[M.LOGITS][None], last[M.HIDDEN_STATES][None]
 
     def close(self) -> None:
         """Hand the KV buffers back to the backend for the next decoder (freed with the backend)."""

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from setok import manifest as M
+from setok.backends.decode import prefill_feeds
 from setok.errors import InputError
 from setok.eval.metrics import iou, psnr
 from setok.export.validate import compare
-from setok.runtime.decode import empty_past
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ class Gates:
     gen_psnr: float = 40.0  # dB between the two generated images
 
 
+# Rows of the parity table that are end-to-end checks, not stages.
+AGREEMENTS = ("llm_teacher_forced", "caption_agreement", "answer_agreement")
+NOT_STAGES = frozenset({*AGREEMENTS, "mask_iou", "generated_psnr", "rounding_sensitive"})
 GATES = {"fp32": Gates(), "int8": Gates(cosine=0.99, norm_ratio=0.02, int_match=0.98, greedy_match=0.9, mask_iou=0.9, gen_psnr=25.0)}
 
 
@@ -76,7 +79,7 @@ def _stages(model, pipe, rgb: np.ndarray, rows: dict) -> None:
     rows["encoder"].append(compare(M.PATCH_FEATURES, feats.numpy(), pipe.stage("encoder").run(_feeds(pixel_values=px))[M.PATCH_FEATURES]))
     c = model.vision.cluster(feats)
     found = {}
-    for name in [s.name for s in pipe.manifest.stages if s.name.startswith("cluster")]:
+    for name in [s.name for s in pipe.manifest.forms("cluster")]:
         got = pipe.stage(name).run(_feeds(patch_features=feats))
         found[name] = [compare(key, ref.numpy(), got[key])
                        for key, ref in ((M.ASSIGNMENT, c.assignment), (M.NUM_TOKENS, c.num_tokens), (M.CENTERS, c.centers))]
@@ -117,19 +120,19 @@ def _llm(model, pipe, vision: torch.Tensor, rows: dict) -> None:
     seq = model.prompt(vision, CAPTION_PROMPT)
     batch = model.collate([seq])
     logits, hidden = model.hidden(batch)
-    feeds = {"inputs_embeds": batch.embeds.numpy(), "attention_mask": batch.attention_mask.numpy(),
-             "position_ids": batch.position_ids.numpy(), **empty_past(pipe.manifest.stage("llm"))}
+    feeds = {**prefill_feeds(pipe.manifest.stage("llm"), batch.embeds.numpy()),
+             M.ATTENTION_MASK: batch.attention_mask.numpy(), M.POSITION_IDS: batch.position_ids.numpy()}
     out = pipe.stage("llm").run(feeds)
-    rows["llm"].append(compare("logits", logits.numpy(), out["logits"]))
-    rows["llm"].append(compare("hidden_states", hidden.numpy(), out["hidden_states"]))
-    agree = float(np.mean(logits.argmax(-1).numpy() == out["logits"].argmax(-1)))
+    rows["llm"].append(compare(M.LOGITS, logits.numpy(), out[M.LOGITS]))
+    rows["llm"].append(compare(M.HIDDEN_STATES, hidden.numpy(), out[M.HIDDEN_STATES]))
+    agree = float(np.mean(logits.argmax(-1).numpy() == out[M.LOGITS].argmax(-1)))
     rows["llm_teacher_forced"].append(agree)
     h = hidden[0]
     slots = _target_hidden(model, vision.shape[0])  # what the head sees when the LLM draws
     rows["regress_head"].append(compare(M.VISION_TOKENS, model.regress(slots).numpy(),
                                         pipe.stage("regress_head").run(_feeds(hidden=slots))[M.VISION_TOKENS]))
     q, kh = h[-1:], h[2:2 + vision.shape[0]][None]
-    from setok.export.stages import SegHead
+    from setok.model.setokim import SegHead
 
     ref = SegHead(model)(q, kh)
     rows["seg_head"].append(compare(M.SEG_LOGITS, ref.numpy(), pipe.stage("seg_head").run(_feeds(query_hidden=q, token_hidden=kh))[M.SEG_LOGITS]))
@@ -147,7 +150,7 @@ def _target_hidden(model, k: int) -> torch.Tensor:
 
 
 def _end_to_end(model, pipe, rgb: np.ndarray, rows: dict) -> None:
-    from setok.evaluate import to_unit, token_mask_pixels
+    from setok.eval.evaluation import to_unit, token_mask_pixels
     from setok.model.encoder import preprocess
 
     vt = model.vision(preprocess(torch.from_numpy(rgb[None])))
@@ -172,7 +175,7 @@ def summarize(rows: dict, gates: Gates) -> dict:
     """Worst case over images, per stage and output; failures name what missed which gate."""
     result: dict = {"stages": {}, "end_to_end": {}, "failures": []}
     for stage, comps in rows.items():
-        if stage in ("llm_teacher_forced", "caption_agreement", "answer_agreement", "mask_iou", "generated_psnr", "rounding_sensitive"):
+        if stage in NOT_STAGES:
             continue
         per_output: dict = {}
         for c in comps:
@@ -191,10 +194,10 @@ def summarize(rows: dict, gates: Gates) -> dict:
                 result["failures"].append(f"{stage}.{out}: cosine {o['cosine']:.6f} < {gates.cosine}")
             if o.get("norm_ratio_error", 0.0) > gates.norm_ratio:
                 result["failures"].append(f"{stage}.{out}: norm ratio off by {o['norm_ratio_error']:.2e} > {gates.norm_ratio}")
-    e2e = {key: float(np.mean(rows[key])) for key in ("llm_teacher_forced", "caption_agreement", "answer_agreement", "mask_iou")}
+    e2e = {key: float(np.mean(rows[key])) for key in (*AGREEMENTS, "mask_iou")}
     e2e["generated_psnr_min"] = float(np.min(rows["generated_psnr"]))
     result["end_to_end"] = e2e
-    for key in ("llm_teacher_forced", "caption_agreement", "answer_agreement"):
+    for key in AGREEMENTS:
         if e2e[key] < gates.greedy_match:
             result["failures"].append(f"{key}: {e2e[key]:.2%} < {gates.greedy_match:.0%}")
     if e2e["mask_iou"] < gates.mask_iou:

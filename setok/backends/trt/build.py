@@ -14,6 +14,10 @@ Precision, per stage (plan_stage, pure and unit-tested):
 
 Everything with TensorRT is written against its documented Python API (TensorRT 10.8+, 11.x; 10.3
 on JetPack 6); tensorrt is not installable on the development machine.
+
+Stages are told apart by what the manifest says of them, never by name: an entry with only
+integer outputs is `exact` (kept fp32), an entry that is a `form_of` another stage is one of the
+graphs that stage's single engine can be built from.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,33 +33,27 @@ from typing import Any
 
 import setok
 from setok import manifest as M
-from setok.engines.manifest import (
+from setok.backends.trt.engines import (
     PLUGIN_MODULE,
     EngineEntry,
     EnginesManifest,
     parse_version,
 )
-from setok.engines.profiles import Limits, Profile, stage_profiles
-from setok.errors import InputError, MissingDependency, SetokError
-from setok.io import atomic_dir
-from setok.optional import require
+from setok.backends.trt.profiles import Limits, Profile, stage_profiles
+from setok.errors import InputError, SetokError
+from setok.io import atomic_dir, write_bytes
+from setok.optional import require, tensorrt
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CLUSTER_FORMS = ("auto", "plugin", "standard")
-TRT_MISSING = ("tensorrt is needed for `setok build`: pip install 'setok[gpu]' on a machine with an NVIDIA GPU "
-               "(TensorRT >= 10.8; JetPack 6 ships 10.3)")
 MODELOPT_MISSING = ("fp16 on TensorRT >= 11 converts the ONNX graphs with ModelOpt AutoCast: "
                     "pip install nvidia-modelopt[onnx]")
 
 
 class BuildError(SetokError):
     """TensorRT refused a stage (parser errors, no engine): the message names the stage and why."""
-
-
-def tensorrt() -> ModuleType:
-    return require("tensorrt", TRT_MISSING)
 
 
 # ---- pure decisions (unit-tested without TensorRT) ------------------------------------------
@@ -80,13 +77,14 @@ def refuse_cpu_only(manifest: M.Manifest) -> None:
 
 
 def plan_stage(stage: str, graph_precision: str, requested: str, trt_major: int,
-               calib_cache: Path | None = None) -> StagePlan:
+               calib_cache: Path | None = None, exact: bool = False) -> StagePlan:
+    """`exact`: the stage's outputs are all integers (the clustering's token ids and counts)."""
     strong = trt_major >= 11  # TensorRT 11 networks are always strongly typed (the flag is accepted, ignored)
     if graph_precision == "int8":
         note = "" if requested == "int8" else f"the bundle's {stage} graph is Q/DQ INT8 and is built as such"
         return StagePlan("int8", True, note=note)
-    if stage == "cluster":
-        note = "" if requested == "fp32" else "the cluster stage stays fp32: its outputs are discrete"
+    if exact:
+        note = "" if requested == "fp32" else f"the {stage} stage stays fp32: its outputs are discrete"
         return StagePlan("fp32", strong, clear_flags=("TF32",), note=note)
     if requested == "fp16":
         return StagePlan("fp16", True, autocast_fp16=True) if strong else StagePlan("fp16", False, flags=("FP16",))
@@ -100,12 +98,13 @@ def plan_stage(stage: str, graph_precision: str, requested: str, trt_major: int,
 
 
 def choose_cluster_form(requested: str, has_plugin_stage: bool, plugin_available: bool, version_compatible: bool) -> str:
-    """'plugin' (cluster_plugin.onnx through setok::DensityPeakCluster) or 'standard' (cluster.onnx)."""
+    """'plugin' (the custom-op form of a stage, through the TensorRT plugin) or 'standard' (standard ops)."""
     if requested == "standard":
         return "standard"
     if requested == "plugin":
         if not has_plugin_stage:
-            raise InputError("cluster_form='plugin': the bundle has no cluster_plugin stage; use 'standard' or 'auto'")
+            raise InputError("cluster_form='plugin': the bundle has no plugin (custom-op) form of a stage; "
+                             "use 'standard' or 'auto'")
         return "plugin"
     # auto: the plugin needs tensorrt.plugin (TensorRT >= 10.7/10.8) and Triton at build time. A
     # version-compatible plan runs on a later TensorRT's lean runtime, where a Python plugin's
@@ -114,14 +113,19 @@ def choose_cluster_form(requested: str, has_plugin_stage: bool, plugin_available
 
 
 def engine_stages(manifest: M.Manifest, cluster_form: str) -> list[tuple[str, M.StageEntry]]:
-    """(engine stage name, bundle stage entry) pairs: one cluster engine, from the chosen form."""
+    """(engine stage name, bundle stage entry) pairs: one engine per stage, built from the chosen
+    form (the custom-op form with 'plugin', else the standard-op graph)."""
     out = []
     for s in manifest.stages:
-        if s.name == "cluster_plugin":
+        if s.form_of is not None:
             continue
-        out.append(("cluster", manifest.stage("cluster_plugin")) if s.name == "cluster" and cluster_form == "plugin"
-                   else (s.name, s))
+        plugin = [f for f in manifest.forms(s.name) if f.custom_op]
+        out.append((s.name, plugin[0] if plugin and cluster_form == "plugin" else s))
     return out
+
+
+def has_plugin_form(manifest: M.Manifest) -> bool:
+    return any(s.form_of is not None and s.custom_op for s in manifest.stages)
 
 
 def _selected(pairs: list[tuple[str, M.StageEntry]], stages: list[str] | None) -> list[tuple[str, M.StageEntry]]:
@@ -160,12 +164,11 @@ def build_engines(bundle: Path, out: Path, precision: str = "fp32", max_batch: i
     manifest = M.load_manifest(bundle)
     refuse_cpu_only(manifest)
     trt = tensorrt()
-    from setok.runtime.trt import device_info
+    from setok.backends.trt.runner import device_info
 
     limits = Limits.from_manifest(manifest, max_batch)
     trt_major = parse_version(trt.__version__)[0]
-    form = choose_cluster_form(cluster_form, any(s.name == "cluster_plugin" for s in manifest.stages),
-                               _plugin_available(), version_compatible)
+    form = choose_cluster_form(cluster_form, has_plugin_form(manifest), _plugin_available(), version_compatible)
     if form == "plugin":
         from setok.plugins.trt_plugin import register_plugin
 
@@ -185,7 +188,7 @@ def build_engines(bundle: Path, out: Path, precision: str = "fp32", max_batch: i
                         extra={"cluster_form": form, "limits": asdict(limits)}).write(tmp)
         copy_bundle_contract(bundle, manifest, Path(tmp) / BUNDLE_DIR)
     if timing_cache:
-        _write_bytes(Path(timing_cache), cache)
+        write_bytes(Path(timing_cache), cache)
     log.info("engines written to %s", out)
     return out
 
@@ -221,7 +224,8 @@ class _Ctx:
 
 def _build_one(ctx: _Ctx, name: str, entry: M.StageEntry, profiles: list[Profile], cache: bytes) -> tuple[EngineEntry, bytes]:
     """Build one stage into ctx.out; (its engines.json entry, the updated timing cache)."""
-    plan = plan_stage(name, entry.precision, ctx.precision, ctx.trt_major, calib_cache_path(ctx.bundle, ctx.manifest, entry.name))
+    plan = plan_stage(name, entry.precision, ctx.precision, ctx.trt_major,
+                      calib_cache_path(ctx.bundle, ctx.manifest, entry.name), entry.exact)
     if plan.note:
         log.warning("stage %s: %s", name, plan.note)
     src = M.inside(ctx.bundle, entry.file)
@@ -231,9 +235,10 @@ def _build_one(ctx: _Ctx, name: str, entry: M.StageEntry, profiles: list[Profile
     engine, cache = build_stage(ctx.trt, ctx.logger, name, src, plan, profiles, cache, ctx.version_compatible)
     file = f"{name}.engine"
     (ctx.out / file).write_bytes(engine)
-    plugin = {"id": entry.extra.get("op", ""), "module": PLUGIN_MODULE} if entry.name == "cluster_plugin" else None
+    plugin = {"id": entry.custom_op, "module": PLUGIN_MODULE} if entry.custom_op else None
+    kv = entry.kv_cache.to_dict() if entry.kv_cache.past else None
     return EngineEntry(name, file, M.sha256(ctx.out / file), entry.file, plan.precision, entry.inputs, entry.outputs,
-                       profiles, plugin), cache
+                       profiles, plugin, kv), cache
 
 
 def build_stage(trt: ModuleType, logger: Any, name: str, onnx_path: Path, plan: StagePlan, profiles: list[Profile],
@@ -332,10 +337,7 @@ def cache_calibrator(trt: ModuleType, table: bytes) -> Any:
 
 def autocast_fp16(src: Path, dst: Path) -> Path:
     """TensorRT >= 11: the ONNX graph in mixed fp16 through ModelOpt AutoCast, fp32 I/O kept."""
-    try:
-        from modelopt.onnx import autocast
-    except ImportError as e:
-        raise MissingDependency(MODELOPT_MISSING) from e
+    autocast = require("modelopt.onnx.autocast", MODELOPT_MISSING)
     import onnx
 
     model = autocast.convert_to_mixed_precision(onnx_path=str(src), low_precision_type="fp16", keep_io_types=True)
@@ -368,16 +370,3 @@ def _logger(trt: ModuleType) -> Any:
             log.log(level, "TensorRT: %s", msg)
 
     return Collecting()
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

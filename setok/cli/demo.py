@@ -28,7 +28,7 @@ def default_checkpoint(out: Path, echo: Callable[[str], None]) -> Path:
 
 
 def run_demo(ckpt: Path | None, out: Path, n: int, echo: Callable[[str], None]) -> dict:
-    from setok.evaluate import evaluate_checkpoint
+    from setok.eval.evaluation import evaluate_checkpoint
     from setok.io import write_json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -52,8 +52,8 @@ def bundle_demo(ckpt: Path, out: Path, echo: Callable[[str], None], n_parity: in
     """Export the checkpoint, run the bundle with the torch-free runtime, and print parity."""
     from setok.data.items import eval_items
     from setok.export.onnx import export_bundle
+    from setok.export.parity import format_table, run_parity
     from setok.io import write_json
-    from setok.parity import format_table, run_parity
     from setok.runtime import Pipeline
 
     bundle = export_bundle(ckpt, out / "bundle")
@@ -76,10 +76,9 @@ def bundle_demo(ckpt: Path, out: Path, echo: Callable[[str], None], n_parity: in
 def show_scenes(ckpt: Path, png: Path, echo: Callable[[str], None], count: int = 4) -> None:
     """Per scene: the image, its token map, the reconstruction, the image generated from its
     caption and the referring-segmentation mask; plus the model's words next to the truth."""
-    from PIL import Image
-
     from setok.data.items import eval_items
-    from setok.evaluate import to_unit, token_mask_pixels
+    from setok.eval.evaluation import to_unit, token_mask_pixels
+    from setok.io import save_png
     from setok.model.encoder import preprocess
     from setok.model.setokim import Setokim
 
@@ -106,7 +105,7 @@ def show_scenes(ckpt: Path, png: Path, echo: Callable[[str], None], count: int =
         echo(f"  caption  truth: {it.caption}\n           model: {captions[i]}")
         echo(f"  question {it.qa[0][0]!r}: truth {it.qa[0][1]!r}, model {answers[i]!r}")
         echo(f"  segment  {exprs[i]!r}: mask of {int(selected[i].sum())} token(s)")
-    Image.fromarray(np.concatenate(rows, 0)).save(png)
+    save_png(png, np.concatenate(rows, 0))
     echo(f"saved {png} (columns: image, tokens, reconstruction, generated from caption, segmentation)")
 
 
@@ -121,7 +120,7 @@ def _up(x: np.ndarray, f: int) -> np.ndarray:
 def int8_demo(ckpt: Path, out: Path, echo: Callable[[str], None], n_cal: int = 64, n_eval: int = 40) -> dict:
     """Calibrate the bundle to INT8 Q/DQ and show fp32 vs INT8 metrics and latency side by side."""
     from setok.calibration import calibrate_bundle
-    from setok.evaluate import evaluate_bundle
+    from setok.eval.evaluation import evaluate_bundle
     from setok.io import write_json
 
     report = calibrate_bundle(out / "bundle", out / "bundle-int8", n=n_cal)

@@ -1,12 +1,12 @@
 """The `cluster_plugin` form in ONNX Runtime: DPC-KNN in numpy as an onnxruntime-extensions PyOp.
 
-No torch here: a deployed runtime runs the plugin-form ONNX (one `setok::DensityPeakCluster`
-node, see setok/export/cluster.py) with onnxruntime + onnxruntime-extensions + numpy only.
+No torch here: a deployed runtime runs the plugin-form ONNX (one node of `setok.manifest.CLUSTER_OP`,
+see setok/export/cluster.py) with onnxruntime + onnxruntime-extensions + numpy only.
 onnxruntime-extensions is optional and imported lazily.
 
 Domain: onnxruntime-extensions puts PyOps in `ai.onnx.contrib` unless the op_type is written
 "domain::OpType"; then it creates that custom-op domain when the library is registered. So the
-op is registered as "setok::DensityPeakCluster" and the exported model runs unchanged (no domain
+op is registered as CLUSTER_OP.id and the exported model runs unchanged (no domain
 rewrite). Ops must be declared before `register_custom_ops_library`, which
 `plugin_session_options` guarantees.
 
@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from setok.errors import MissingDependency
+from setok.errors import BundleError
+from setok.manifest import CLUSTER_OP
+from setok.optional import require
 
 if TYPE_CHECKING:  # annotations only: onnxruntime is imported where a session is made
     import onnxruntime
 
 log = logging.getLogger(__name__)
 
-OP_DOMAIN = "setok"
-OP_TYPE = "DensityPeakCluster"
 _MISSING = "onnxruntime-extensions is needed to run the cluster_plugin form: pip install onnxruntime-extensions"
 _registered = False
 
@@ -138,15 +138,11 @@ def dpc_knn_numpy(
 
 
 def _extensions() -> Any:
-    try:
-        import onnxruntime_extensions
-    except ImportError as e:
-        raise MissingDependency(_MISSING) from e
-    return onnxruntime_extensions
+    return require("onnxruntime_extensions", _MISSING)
 
 
 def register_plugin() -> None:
-    """Declare the PyOp `setok::DensityPeakCluster` once per process."""
+    """Declare the cluster op's PyOp once per process."""
     global _registered
     if _registered:
         return
@@ -162,7 +158,7 @@ def register_plugin() -> None:
 
     # "domain::op" is how onnxruntime-extensions places a PyOp outside ai.onnx.contrib.
     @ext.onnx_op(
-        op_type=f"{OP_DOMAIN}::{OP_TYPE}",
+        op_type=CLUSTER_OP.id,
         inputs=[dt.dt_float],
         outputs=[dt.dt_int64] * 3,
         attrs=attrs,
@@ -171,13 +167,16 @@ def register_plugin() -> None:
         return dpc_knn_numpy(x, kw["k"], kw["tau"], kw["min_tokens"], kw["max_tokens"])
 
     _registered = True
-    log.debug("registered PyOp %s::%s", OP_DOMAIN, OP_TYPE)
+    log.debug("registered PyOp %s", CLUSTER_OP.id)
 
 
-def plugin_session_options() -> onnxruntime.SessionOptions:
-    """onnxruntime.SessionOptions able to run the plugin-form cluster model."""
+def plugin_session_options(op: str = CLUSTER_OP.id) -> onnxruntime.SessionOptions:
+    """onnxruntime.SessionOptions able to run a graph holding the custom op `op` (a manifest's `extra.op`)."""
     import onnxruntime
 
+    if op != CLUSTER_OP.id:
+        raise BundleError(f"custom op {op!r}: this runtime implements only {CLUSTER_OP.id}; re-export the bundle "
+                          "with this setok version")
     register_plugin()  # must precede register_custom_ops_library: domains are built there
     so = onnxruntime.SessionOptions()
     so.register_custom_ops_library(_extensions().get_library_path())

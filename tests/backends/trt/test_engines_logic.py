@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from setok.engines import build as B
-from setok.engines.manifest import (
+from setok.backends.trt import build as B
+from setok.backends.trt.engines import (
     EngineEntry,
     EnginesError,
     EnginesManifest,
@@ -18,7 +18,7 @@ from setok.engines.manifest import (
     load_engines_manifest,
     versions_compatible,
 )
-from setok.engines.profiles import (
+from setok.backends.trt.profiles import (
     Limits,
     Profile,
     buffer_plan,
@@ -234,8 +234,13 @@ def test_plan_stage_precision_rules(tmp_path):
     assert (p.precision, p.flags, p.calib_cache, p.strongly_typed) == ("int8", ("INT8",), cache, False)
     assert B.plan_stage("llm", "fp32", "int8", 10).precision == "fp32"  # no table
     assert "TensorRT >= 11" in B.plan_stage("llm", "fp32", "int8", 11, cache).note
-    p = B.plan_stage("cluster", "fp32", "fp16", 10)
+    p = B.plan_stage("cluster", "fp32", "fp16", 10, exact=True)
     assert p.precision == "fp32" and p.clear_flags == ("TF32",) and "discrete" in p.note
+
+
+def test_the_manifest_says_which_stages_are_exact(manifest):
+    """build_engines passes entry.exact: integer outputs only (the clustering), nothing by name."""
+    assert {s.name for s in manifest.stages if s.exact} == {"cluster", "cluster_plugin"}
 
 
 def test_cluster_form_choice(manifest):
@@ -243,7 +248,7 @@ def test_cluster_form_choice(manifest):
     assert B.choose_cluster_form("auto", True, False, False) == "standard"
     assert B.choose_cluster_form("auto", True, True, True) == "standard"  # version-compatible
     assert B.choose_cluster_form("standard", True, True, False) == "standard"
-    with pytest.raises(InputError, match="no cluster_plugin"):
+    with pytest.raises(InputError, match="no plugin"):
         B.choose_cluster_form("plugin", False, True, False)
     names = [(n, e.name) for n, e in B.engine_stages(manifest, "plugin")]
     assert ("cluster", "cluster_plugin") in names and len({n for n, _ in names}) == len(names)
@@ -273,7 +278,7 @@ def test_build_engines_without_tensorrt_says_how_to_install(tiny_bundle, tmp_pat
 
 
 def test_importing_the_trt_modules_loads_no_tensorrt_or_cuda():
-    code = ("import sys, setok.runtime.trt, setok.engines, setok.engines.build; "
+    code = ("import sys, setok.backends.trt.runner, setok.backends.trt, setok.backends.trt.build; "
             "print([m for m in ('tensorrt', 'cuda', 'torch') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -287,7 +292,7 @@ def test_profile_to_dict_round_trip():
 
 
 def test_buffer_plan_matches_onnxruntime_outputs(tiny_bundle, manifest, limits):
-    from setok.runtime.backend import OrtBackend
+    from setok.backends.onnxrt.session import OrtBackend
 
     size = manifest.preprocessing["size"]
     rng = np.random.default_rng(0)
@@ -422,7 +427,7 @@ def _fake_trt(io, context=_FakeContext):
 
 @pytest.fixture
 def fake_backend(tmp_path, monkeypatch):
-    import setok.runtime.trt as T
+    import setok.backends.trt.runner as T
 
     rt = _FakeCudart()
     io = {"x": ("in", "float32"), "y": ("out", "float32"), "n": ("out", "int64")}
@@ -454,7 +459,7 @@ def test_trt_backend_binds_by_name_and_grows_buffers(fake_backend):
 
 
 def test_trt_backend_names_the_tensor_of_a_failing_cuda_call(fake_backend):
-    from setok.runtime.trt import TrtError
+    from setok.backends.trt.runner import TrtError
 
     backend, rt = fake_backend
     rt.fail_copy = True
@@ -471,7 +476,7 @@ class _OrtAsEngineContext(_FakeContext):
     entry = session = None  # set by the test
 
     def get_tensor_shape(self, name):
-        from setok.engines.profiles import resolve_dims, resolve_shape
+        from setok.backends.trt.profiles import resolve_dims, resolve_shape
 
         specs = {s.name: s for s in self.entry.outputs}
         if name not in specs:
@@ -499,9 +504,9 @@ def test_trt_decoder_keeps_the_cache_on_the_device_and_matches_onnxruntime(tiny_
                                                                           monkeypatch):
     import onnxruntime as ort
 
-    import setok.runtime.trt as T
-    from setok.runtime.backend import OrtBackend
-    from setok.runtime.decode import HostDecoder
+    import setok.backends.trt.runner as T
+    from setok.backends.decode import HostDecoder
+    from setok.backends.onnxrt.session import OrtBackend
 
     llm = manifest.stage("llm")
     rt = _FakeCudart()

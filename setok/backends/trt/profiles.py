@@ -190,20 +190,21 @@ class KvPlan:
     """Device-resident KV cache layout for an llm engine: which inputs are the cache, the output
     each one is fed from, and the bytes one buffer needs for the longest cache the profiles allow."""
 
-    past: tuple[str, ...]  # past_key_values.{i}.{key,value}
+    past: tuple[str, ...]  # the cache inputs (the manifest's kv_cache names)
     heads: int
     head_dim: int
     max_length: int  # total positions (past + new) the decode profile allows
     itemsize: int = 4
+    present: tuple[str, ...] = ()  # the output feeding each cache input, position by position
 
     @classmethod
     def from_entry(cls, entry) -> KvPlan:
-        # numpy-only; one definition of the cache names
-        from setok.runtime.decode import past_specs
+        from setok.backends.decode import past_specs  # numpy-only
 
-        past = past_specs(entry)
+        kv = entry.kv_cache
+        past = past_specs(entry.inputs, kv)
         if not past:
-            raise InputError(f"stage {entry.stage}: no past_key_values inputs; not an llm engine with a KV cache")
+            raise InputError(f"stage {entry.stage}: no KV-cache inputs; not an llm engine with a KV cache")
         shapes = {(s.shape[1], s.shape[3]) for s in past}
         if len(shapes) != 1 or not all(isinstance(d, int) for d in next(iter(shapes))):
             raise InputError(f"stage {entry.stage}: KV inputs need one fixed (heads, head_dim); got {sorted(map(str, shapes))}")
@@ -211,7 +212,9 @@ class KvPlan:
         total = max_dims(entry.profiles, entry.inputs).get("total_sequence")
         if not total:
             raise InputError(f"stage {entry.stage}: its profiles give no total_sequence range")
-        return cls(tuple(s.name for s in past), heads, head_dim, total, np.dtype(past[0].dtype).itemsize)
+        present = dict(zip(kv.past, kv.present))
+        return cls(tuple(s.name for s in past), heads, head_dim, total, np.dtype(past[0].dtype).itemsize,
+                   tuple(present[s.name] for s in past))
 
     @property
     def capacity_bytes(self) -> int:
@@ -220,8 +223,5 @@ class KvPlan:
     def past_shape(self, length: int) -> Dims:
         return (1, self.heads, length, self.head_dim)
 
-    @staticmethod
-    def present_of(past_name: str) -> str:
-        from setok.runtime.decode import PAST, PRESENT
-
-        return PRESENT + past_name[len(PAST):]
+    def present_of(self, past_name: str) -> str:
+        return self.present[self.past.index(past_name)]

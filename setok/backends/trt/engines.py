@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from setok.engines.profiles import Profile
+from setok.backends.trt.profiles import Profile
 from setok.errors import InputError
 from setok.io import write_json
-from setok.manifest import TensorSpec, inside, read_versioned_json, sha256
+from setok.manifest import KvCache, TensorSpec, inside, read_versioned_json, sha256
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,17 @@ class EngineEntry:
     outputs: list[TensorSpec]
     profiles: list[Profile]
     plugin: dict[str, str] | None = None  # {"id", "module"} or {"id", "library"}: load before deserializing
+    kv: dict[str, list[str]] | None = None  # the bundle entry's kv_cache record (llm)
+
+    @property
+    def kv_cache(self) -> KvCache:
+        return KvCache.of(self.inputs, {"kv_cache": self.kv} if self.kv else {})
 
     def to_dict(self) -> dict[str, Any]:
         ins = [{**t.to_dict(), "profiles": [_mom(p, t.name) for p in self.profiles]} for t in self.inputs]
         return {"stage": self.stage, "file": self.file, "sha256": self.sha256, "source": self.source,
                 "precision": self.precision, "plugin": self.plugin, "profiles": [p.name for p in self.profiles],
-                "inputs": ins, "outputs": [t.to_dict() for t in self.outputs]}
+                "inputs": ins, "outputs": [t.to_dict() for t in self.outputs], **({"kv_cache": self.kv} if self.kv else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineEntry:
@@ -58,7 +63,7 @@ class EngineEntry:
         profiles = [Profile(name, {t["name"]: tuple(tuple(t["profiles"][i][k]) for k in ("min", "opt", "max"))
                                    for t in d["inputs"]}) for i, name in enumerate(names)]
         return cls(d["stage"], d["file"], d["sha256"], d["source"], d["precision"], ins,
-                   [TensorSpec(**t) for t in d["outputs"]], profiles, d.get("plugin"))
+                   [TensorSpec(**t) for t in d["outputs"]], profiles, d.get("plugin"), d.get("kv_cache"))
 
 
 def _mom(profile: Profile, name: str) -> dict[str, list[int]]:

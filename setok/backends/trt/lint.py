@@ -1,6 +1,6 @@
 """Lint a bundle's ONNX stages for a deployment target (TensorRT) before anyone builds an engine.
 
-The operator support matrix is data (`setok/data/trt_onnx_ops.json`, transcribed from onnx-tensorrt's
+The operator support matrix is data (`trt_onnx_ops.json` beside this module, transcribed from onnx-tensorrt's
 docs/operators.md); the restrictions that can bite our graphs are encoded here as code.
 Errors mean the TensorRT ONNX parser (or our engine-per-stage contract) would reject the stage;
 warnings mean it probably parses but deserves a look.
@@ -20,13 +20,13 @@ import onnx
 from onnx import TensorProto, numpy_helper, shape_inference
 
 from setok.errors import InputError
-from setok.manifest import inside, load_manifest
+from setok.manifest import CLUSTER_OP, inside, load_manifest
 
 log = logging.getLogger(__name__)
 
 TABLE_FILE = "trt_onnx_ops.json"
 STANDARD_DOMAINS = ("", "ai.onnx")
-DPC_PLUGIN = "setok::DensityPeakCluster"
+DPC_PLUGIN = CLUSTER_OP.id
 PLUGIN_OPS = frozenset({DPC_PLUGIN})
 TOPK_MAX_K = 3840  # the table: `K` must be less than 3840
 LARGE_INT64 = 1 << 16  # elements; beyond this an INT64 tensor is worth a warning
@@ -61,7 +61,7 @@ class Finding:
 
 def load_table(path: Path | None = None) -> dict:
     """The TensorRT ONNX support matrix shipped with setok (or one at `path`)."""
-    text = Path(path).read_text() if path else resources.files("setok.data").joinpath(TABLE_FILE).read_text()
+    text = Path(path).read_text() if path else resources.files(__package__).joinpath(TABLE_FILE).read_text()
     return json.loads(text)
 
 

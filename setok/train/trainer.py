@@ -21,18 +21,6 @@ import torch
 
 from setok.config import SetokimConfig, preset
 from setok.data.items import TrainItem, item_stream
-from setok.distributed import (
-    Dist,
-    agree,
-    average_gradients,
-    barrier,
-    gather_cat,
-    gather_objects,
-    init_from_env,
-    mean_scalar,
-    shard,
-    sum_counts,
-)
 from setok.errors import InputError
 from setok.model import text as T
 from setok.model.encoder import preprocess
@@ -51,7 +39,19 @@ from setok.model.setokim import (
     Sequence,
     Setokim,
 )
-from setok.tau import calibrate_tau
+from setok.train.distributed import (
+    Dist,
+    agree,
+    average_gradients,
+    barrier,
+    gather_cat,
+    gather_objects,
+    init_from_env,
+    mean_scalar,
+    shard,
+    sum_counts,
+)
+from setok.train.tau import calibrate_tau
 
 log = logging.getLogger(__name__)
 

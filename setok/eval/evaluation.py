@@ -181,7 +181,7 @@ def evaluate_item(pipe, it: TrainItem, cfg) -> dict[str, list[float]]:
 def _pixel_tau(cfg_json: str) -> float:
     """tau for the pixel baseline: depends only on the config, so one calibration per process."""
     from setok.config import SetokimConfig
-    from setok.tau import calibrate_tau
+    from setok.train.tau import calibrate_tau
 
     cfg = SetokimConfig.from_dict(json.loads(cfg_json))
 

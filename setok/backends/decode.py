@@ -1,0 +1,104 @@
+"""KV-cache decoders for the `llm` stage: prefill once, then one token per step.
+
+The LLM graph (optimum's decoder with past) takes the cache inputs and returns the presents
+(past + this step); which output feeds which input is the llm entry's `kv_cache` in the
+manifest (`setok.manifest.KvCache`). A decoder keeps the cache where the backend keeps tensors,
+so the loop never brings it back to Python:
+
+- `HostDecoder` (here): any backend with `run()`; the cache is a dict of numpy arrays (the fallback).
+- `setok.backends.onnxrt.decoder.OrtDecoder`: ONNX Runtime I/O binding; the cache stays as OrtValues.
+- `setok.backends.trt.runner.TrtDecoder`: device buffers, ping-ponged between steps (never on the host).
+
+Every decoder returns, per call, only the last position's logits and hidden state.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from setok import manifest as M
+
+
+class Decoder(Protocol):
+    def step(self, embeds: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, L, H) embeddings after everything fed so far -> (B, V) logits, (B, H) hidden of the
+        last position. `mask` (B, L), first call only: 0 marks left padding of a batched prompt."""
+        ...
+
+    def close(self) -> None:
+        """Release the cache (a TensorRT decoder hands its device buffers back for reuse)."""
+        ...
+
+
+def past_specs(inputs: list[M.TensorSpec], kv: M.KvCache) -> list[M.TensorSpec]:
+    names = set(kv.past)
+    return [s for s in inputs if s.name in names]
+
+
+def empty_past(entry: M.StageEntry, batch: int = 1) -> dict[str, np.ndarray]:
+    """Zero-length caches, (B, heads, 0, head_dim), for the first (prefill) call."""
+    out = {}
+    for spec in past_specs(entry.inputs, entry.kv_cache):
+        _, heads, _, hd = spec.shape
+        out[spec.name] = np.zeros((batch, heads, 0, hd), np.float32)
+    return out
+
+
+def position_feeds(past_len: int, length: int) -> dict[str, np.ndarray]:
+    """Mask and positions of one unpadded sequence (batch 1)."""
+    return {M.ATTENTION_MASK: np.ones((1, past_len + length), np.int64),
+            M.POSITION_IDS: np.arange(past_len, past_len + length, dtype=np.int64)[None]}
+
+
+def prefill_feeds(entry: M.StageEntry, embeds: np.ndarray) -> dict[str, np.ndarray]:
+    """Every input of one unpadded prefill (batch 1, empty past)."""
+    return {M.INPUTS_EMBEDS: embeds, **position_feeds(0, embeds.shape[1]), **empty_past(entry, embeds.shape[0])}
+
+
+class Positions:
+    """attention_mask and position_ids across steps; left padding counts no position (as
+    Setokim.collate(left_pad=True) does), so a batched prompt decodes like each one alone."""
+
+    def __init__(self) -> None:
+        self.mask: np.ndarray | None = None  # (B, total)
+        self.last: np.ndarray | None = None  # (B, 1) position of the newest token
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    def feeds(self, embeds: np.ndarray, mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        b, new = embeds.shape[:2]
+        if self.mask is None:
+            m = np.ones((b, new), np.int64) if mask is None else np.asarray(mask, np.int64)
+            pos = np.maximum(np.cumsum(m, 1) - 1, 0)
+            self.mask = m
+        else:
+            pos = self.last + np.arange(1, new + 1, dtype=np.int64)[None]
+            self.mask = np.concatenate([self.mask, np.ones((b, new), np.int64)], 1)
+        self.last = pos[:, -1:]
+        return {M.ATTENTION_MASK: self.mask, M.POSITION_IDS: pos}
+
+
+class HostDecoder:
+    """Works with every backend: feeds the cache back as numpy arrays."""
+
+    def __init__(self, backend, entry: M.StageEntry):
+        self.backend, self.entry, self.kv = backend, entry, entry.kv_cache
+        self.past: dict[str, np.ndarray] | None = None
+        self.positions = Positions()
+
+    @property
+    def length(self) -> int:
+        return self.positions.length
+
+    def step(self, embeds: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        past = self.past if self.past is not None else empty_past(self.entry, embeds.shape[0])
+        out = self.backend.run({M.INPUTS_EMBEDS: embeds, **self.positions.feeds(embeds, mask), **past})
+        self.past = self.kv.as_past(out)
+        return out[M.LOGITS][:, -1], out[M.HIDDEN_STATES][:, -1]
+
+    def close(self) -> None:
+        self.past = None
