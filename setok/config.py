@@ -25,8 +25,15 @@ class EncoderConfig:
     # The clustering sees LayerNorm-ed features plus a sin/cos position code scaled by this:
     # without the normalisation, feature drift during training collapses the token count.
     pos_scale: float = 0.7
-    # A local Hugging Face vision model directory to use instead of the built-in ViT.
+    # A local Hugging Face vision model directory to use instead of the built-in ViT (its weights
+    # start training); its config is stored in `hf_config`, so a checkpoint needs no directory.
     hf_path: str | None = None
+    hf_config: dict[str, Any] | None = None
+    # The tower's input normalisation (its image processor's; the built-in ViT's is 0.5 / 0.5).
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # Trained with the tower frozen (SeTok trains the tokenizer on a frozen tower).
+    freeze: bool = False
 
     @property
     def grid(self) -> int:
@@ -72,8 +79,11 @@ class LLMConfig:
     intermediate_size: int = 512
     max_position_embeddings: int = 256
     vocab_size: int = 512  # upper bound for the trained text tokenizer
-    # A local causal-LM directory to use instead of building a Llama from this config.
+    # A local causal-LM directory to use instead of building a Llama from this config (its weights
+    # and tokenizer start training); its config (vocabulary grown by setok's tokens) is stored in
+    # `hf_config`, so a checkpoint needs no directory.
     hf_path: str | None = None
+    hf_config: dict[str, Any] | None = None
 
 
 @dataclass

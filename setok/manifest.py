@@ -114,6 +114,8 @@ class StageEntry:
     extra: dict[str, Any] = field(default_factory=dict)
     # Another graph of the named stage (same I/O): the runtime may run either, TensorRT builds one.
     form_of: str | None = None
+    # The graph's external-data files (weights of graphs past protobuf's 2 GB): {file, sha256} each.
+    data: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def serves(self) -> str:
@@ -139,7 +141,7 @@ class StageEntry:
             "name": self.name, "file": self.file, "sha256": self.sha256, "precision": self.precision,
             "opset": self.opset, "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs], **({"extra": self.extra} if self.extra else {}),
-            **({"form_of": self.form_of} if self.form_of else {}),
+            **({"form_of": self.form_of} if self.form_of else {}), **({"data": self.data} if self.data else {}),
         }
 
     @classmethod
@@ -148,7 +150,7 @@ class StageEntry:
             return cls(
                 d["name"], d["file"], d["sha256"], d["precision"], int(d["opset"]),
                 [TensorSpec(**t) for t in d["inputs"]], [TensorSpec(**t) for t in d["outputs"]], d.get("extra", {}),
-                d.get("form_of", LEGACY_FORMS.get(d["name"])),
+                d.get("form_of", LEGACY_FORMS.get(d["name"])), list(d.get("data", [])),
             )
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest stage entry {d.get('name', '?')!r} is malformed ({e})") from None
@@ -251,8 +253,26 @@ def read_versioned_json(path: Path, schema: int, error: type[Exception], what: s
     return d
 
 
+def external_data(onnx_path: Path) -> list[str]:
+    """Relative paths of the external-data files an ONNX graph references (its weights are not read)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    return sorted({e.value for t in tensors if uses_external_data(t) for e in t.external_data if e.key == "location"})
+
+
+def data_records(onnx_path: Path) -> list[dict[str, str]]:
+    """The manifest's `data` of a stage: each external-data file beside its graph, with its sha256."""
+    return [{"file": str(Path(onnx_path.name).parent / rel), "sha256": sha256(onnx_path.parent / rel)}
+            for rel in external_data(onnx_path)]
+
+
 def verify_files(bundle: Path, m: Manifest, stages: bool = True) -> None:
     entries = [(s.file, s.sha256) for s in m.stages] if stages else []
+    entries += [(d["file"], d["sha256"]) for s in m.stages for d in s.data] if stages else []
     entries += [(f["file"], f["sha256"]) for f in m.files.values()]
     for rel, digest in entries:
         path = inside(bundle, rel)

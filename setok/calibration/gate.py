@@ -49,8 +49,10 @@ def apply_task_gate(bundle: Path, tmp: Path, manifest: M.Manifest, n: int, gates
 
 
 def _revert(bundle: Path, tmp: Path, manifest: M.Manifest, entry: M.StageEntry, fp32: M.StageEntry, why: list[str]) -> None:
-    (tmp / entry.file).unlink(missing_ok=True)
-    shutil.copy2(M.inside(bundle, fp32.file), tmp / fp32.file)
-    entry.file, entry.sha256, entry.precision, entry.opset = fp32.file, fp32.sha256, "fp32", fp32.opset
+    for rel in (entry.file, *(d["file"] for d in entry.data)):
+        (tmp / rel).unlink(missing_ok=True)
+    for rel in (fp32.file, *(d["file"] for d in fp32.data)):
+        shutil.copy2(M.inside(bundle, rel), tmp / rel)
+    entry.file, entry.sha256, entry.precision, entry.opset, entry.data = fp32.file, fp32.sha256, "fp32", fp32.opset, fp32.data
     entry.extra = {**fp32.extra, "kept_float": "task gate: " + "; ".join(why)}
     manifest.write(tmp)

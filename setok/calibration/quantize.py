@@ -374,7 +374,7 @@ def quantized_ops(path: Path) -> dict[str, int]:
 
 
 def _update_entry(entry: M.StageEntry, path: Path, rep: dict, method: str, quantizer: str) -> None:
-    entry.file, entry.sha256, entry.precision = path.name, M.sha256(path), "int8"
+    entry.file, entry.sha256, entry.precision, entry.data = path.name, M.sha256(path), "int8", M.data_records(path)
     entry.opset = max((o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")),
                       default=entry.opset)
     entry.extra = {**entry.extra, "excluded": rep["excluded"], "method": method, "quantizer": quantizer,
@@ -383,7 +383,7 @@ def _update_entry(entry: M.StageEntry, path: Path, rep: dict, method: str, quant
 
 def _copy_rest(bundle: Path, tmp: Path, manifest: M.Manifest, quantized: list[str]) -> None:
     """Copy every file the new manifest names that is not written here (float stages, embeddings...)."""
-    rels = [s.file for s in manifest.stages if s.name not in quantized]
+    rels = [f for s in manifest.stages if s.name not in quantized for f in (s.file, *(d["file"] for d in s.data))]
     rels += [f["file"] for f in manifest.files.values()]
     for rel in rels:
         dst = tmp / rel

@@ -85,7 +85,7 @@ def show_scenes(ckpt: Path, png: Path, echo: Callable[[str], None], count: int =
     model = Setokim.from_pretrained(ckpt)
     cfg = model.cfg.encoder
     items = eval_items(count, seed=123, size=cfg.image_size)
-    px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
+    px = preprocess(torch.from_numpy(np.stack([it.image for it in items])), cfg)
     vt = model.vision(px)
     counts, assignment = vt.clusters.num_tokens, vt.clusters.assignment.numpy()
     recon = to_unit(model.vision.reconstruct(vt))

@@ -55,7 +55,9 @@ def main(verbose: bool) -> None:
 @click.option("--encoder", "encoder_path", type=click.Path(exists=True, file_okay=False), default=None,
               help="A local Hugging Face vision model directory instead of the built-in ViT.")
 @click.option("--llm", "llm_path", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A local causal-LM directory instead of the built-in Llama.")
+              help="A local causal-LM directory instead of the built-in Llama (its own tokenizer is kept).")
+@click.option("--freeze-encoder", is_flag=True,
+              help="Keep the vision tower's weights as loaded (SeTok trains the tokenizer on a frozen tower).")
 @user_errors
 def train(**kw) -> None:
     """Train a Setokim checkpoint (stage 1 vision tokenizer, stage 2 LLM and heads)."""

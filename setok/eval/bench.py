@@ -70,7 +70,7 @@ class TorchTarget:
 
         m, t = self.model, {}
         with timed(t, "preprocess"):
-            px = preprocess(torch.from_numpy(image[None]))
+            px = preprocess(torch.from_numpy(image[None]), m.cfg.encoder)
         with timed(t, "encoder"):
             feats = m.vision.encoder(px)
         with timed(t, "cluster"):
@@ -90,7 +90,7 @@ class TorchTarget:
         from setok.model.setokim import QUESTION_PROMPT
 
         m = self.model
-        vt = m.vision(preprocess(torch.from_numpy(np.stack(images))))
+        vt = m.vision(preprocess(torch.from_numpy(np.stack(images)), m.cfg.encoder))
         seqs = [m.prompt(vt.tokens[i, : int(k)], QUESTION_PROMPT, q=QUESTION) for i, k in enumerate(vt.clusters.num_tokens)]
         m.greedy(seqs, max_new_tokens)
 

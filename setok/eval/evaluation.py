@@ -71,7 +71,7 @@ def summarize(rows: dict[str, list[float]]) -> dict:
 
 def evaluate_batch(model: Setokim, items: list[TrainItem]) -> dict[str, list[float]]:
     cfg = model.cfg
-    px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
+    px = preprocess(torch.from_numpy(np.stack([it.image for it in items])), cfg.encoder)
     vt = model.vision(px)
     tokens, counts = vt.tokens, vt.clusters.num_tokens
     assignment = vt.clusters.assignment.numpy()

@@ -1,6 +1,7 @@
 """Export the LLM stage (a Hugging Face decoder reading `inputs_embeds`) to one ONNX graph with KV cache.
 
-How optimum is used: `LlamaOnnxConfig` (task "text-generation-with-past", i.e. `text-generation` with
+How optimum is used: the family's own ONNX config (`LlamaOnnxConfig`, `Qwen2OnnxConfig`, ... chosen by
+`model_type` from setok/model/families.py; task "text-generation-with-past", i.e. `text-generation` with
 `use_past=True, use_past_in_inputs=True`) is subclassed so the graph takes `inputs_embeds` instead of
 `input_ids` and returns the last hidden state next to `logits` and the presents. optimum's
 `exporters.onnx.export` then does the work: dummy inputs from its generators, dynamic axes from the
@@ -18,6 +19,7 @@ is needed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections import OrderedDict
@@ -71,10 +73,17 @@ class EmbedsCausalLM(nn.Module):
         )
 
 
-def _onnx_config_class():
+@functools.cache
+def _onnx_config_class(model_type: str):
+    """optimum's own ONNX config of the LLM's family (model/families.py), subclassed once for
+    `inputs_embeds` in and the last hidden state out."""
     # Imported lazily: optimum is an export-time dependency, the runtime never needs it.
-    from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
+    from optimum.exporters.onnx import model_configs
     from optimum.utils import DummyInputGenerator
+
+    from setok.model.families import llm_family
+
+    base = getattr(model_configs, llm_family(model_type).onnx_config)
 
     class DummyEmbedsGenerator(DummyInputGenerator):
         SUPPORTED_INPUT_NAMES = ("inputs_embeds",)
@@ -87,8 +96,8 @@ def _onnx_config_class():
             shape = [self.batch_size, self.sequence_length, self.hidden_size]
             return self.random_float_tensor(shape, framework=framework, dtype=float_dtype)
 
-    class LlamaEmbedsOnnxConfig(LlamaOnnxConfig):
-        DUMMY_INPUT_GENERATOR_CLASSES = (DummyEmbedsGenerator,) + LlamaOnnxConfig.DUMMY_INPUT_GENERATOR_CLASSES
+    class EmbedsOnnxConfig(base):
+        DUMMY_INPUT_GENERATOR_CLASSES = (DummyEmbedsGenerator,) + base.DUMMY_INPUT_GENERATOR_CLASSES
         # The base pads the mask to past+seq by reading input_ids; we do it from inputs_embeds below.
         PAD_ATTENTION_MASK_TO_PAST = False
 
@@ -130,11 +139,12 @@ def _onnx_config_class():
             dummy["position_ids"] = torch.from_numpy(pos) if framework == "pt" else pos
             return dummy
 
-    return LlamaEmbedsOnnxConfig
+    EmbedsOnnxConfig.__name__ = EmbedsOnnxConfig.__qualname__ = f"{base.__name__}Embeds"
+    return EmbedsOnnxConfig
 
 
 def _onnx_config(llm):
-    cls = _onnx_config_class()
+    cls = _onnx_config_class(llm.config.model_type)
     return cls(llm.config, task="text-generation", use_past=True, use_past_in_inputs=True)
 
 

@@ -18,7 +18,6 @@ import setok
 from setok import manifest as M
 from setok.export.stages import STAGES, Stage, flow
 from setok.io import atomic_dir
-from setok.model.encoder import MEAN, STD
 from setok.model.setokim import (
     CAPTION_PROMPT,
     DRAW_PROMPT,
@@ -81,6 +80,7 @@ def text_contract(model: Setokim) -> dict:
         "prompts": {"caption": CAPTION_PROMPT, "question": QUESTION_PROMPT, "refer": REFER_PROMPT, "draw": DRAW_PROMPT},
         "num_layers": model.llm.config.num_hidden_layers,
         "max_positions": model.llm.config.max_position_embeddings,
+        **({"chat_template": model.tok.chat_template} if getattr(model.tok, "chat_template", None) else {}),
     }
 
 
@@ -112,11 +112,12 @@ def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: b
 
 def _entry(st: Stage, model: Setokim, path: Path, opset: int) -> M.StageEntry:
     ins, outs = st.specs(model)
-    return M.StageEntry(st.name, path.name, M.sha256(path), "fp32", opset, ins, outs, st.extra(model), st.form_of)
+    return M.StageEntry(st.name, path.name, M.sha256(path), "fp32", opset, ins, outs, st.extra(model), st.form_of,
+                        M.data_records(path))
 
 
 def preprocessing(model: Setokim) -> dict:
-    size = model.cfg.encoder.image_size
-    return {"size": size, "mean": list(MEAN), "std": list(STD), "layout": "NCHW", "channels": "RGB",
+    enc = model.cfg.encoder
+    return {"size": enc.image_size, "mean": list(enc.mean), "std": list(enc.std), "layout": "NCHW", "channels": "RGB",
             "resize": "shorter side to size (bicubic), then center crop; EXIF orientation applied; any mode converted to RGB"}
 

@@ -74,7 +74,7 @@ def _feeds(**kw) -> dict[str, np.ndarray]:
 def _stages(model, pipe, rgb: np.ndarray, rows: dict) -> None:
     from setok.model.encoder import preprocess
 
-    px = preprocess(torch.from_numpy(rgb[None]))
+    px = preprocess(torch.from_numpy(rgb[None]), model.cfg.encoder)
     feats = model.vision.encoder(px)
     rows["encoder"].append(compare(M.PATCH_FEATURES, feats.numpy(), pipe.stage("encoder").run(_feeds(pixel_values=px))[M.PATCH_FEATURES]))
     c = model.vision.cluster(feats)
@@ -153,7 +153,7 @@ def _end_to_end(model, pipe, rgb: np.ndarray, rows: dict) -> None:
     from setok.eval.evaluation import to_unit, token_mask_pixels
     from setok.model.encoder import preprocess
 
-    vt = model.vision(preprocess(torch.from_numpy(rgb[None])))
+    vt = model.vision(preprocess(torch.from_numpy(rgb[None]), model.cfg.encoder))
     tokens, counts = vt.tokens, vt.clusters.num_tokens
     ort_tokens = pipe.tokenize(rgb)
     caption = model.caption(tokens, counts)[0]

@@ -247,7 +247,7 @@ def flow(model: Setokim, n: int = 2, seed: int = 11) -> Flow:
 
     with torch.no_grad():
         images = np.stack([it.image for it in eval_items(n, seed, model.cfg.encoder.image_size)])
-        px = preprocess(torch.from_numpy(images))
+        px = preprocess(torch.from_numpy(images), model.cfg.encoder)
         feats = model.vision.encoder(px)
         c = model.vision.cluster(feats)
         tokens = model.vision.merger(feats, c.assignment, c.num_tokens)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from setok.config import EncoderConfig
 from setok.model.layers import Block, init_weights, sincos_2d
 
-MEAN = (0.5, 0.5, 0.5)
+MEAN = (0.5, 0.5, 0.5)  # the built-in ViT's (EncoderConfig's defaults)
 STD = (0.5, 0.5, 0.5)
 
 
@@ -35,28 +35,30 @@ class ViT(nn.Module):
 
 
 class HFVision(nn.Module):
-    """Any local Hugging Face vision model directory; `last_hidden_state` are the patch features."""
+    """A Hugging Face vision tower (model/families.py); `last_hidden_state` are the patch features."""
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, pretrained: bool = False):
         super().__init__()
-        from transformers import AutoModel
+        from setok.model.families import build_vision, read_config, require_dir
 
-        self.model = AutoModel.from_pretrained(cfg.hf_path, local_files_only=True, trust_remote_code=False)
-        hidden = self.model.config.hidden_size
-        self.proj = nn.Linear(hidden, cfg.width)
+        config = cfg.hf_config or read_config(require_dir(cfg.hf_path, "vision tower"), "--encoder")
+        self.model = build_vision(config, cfg.hf_path if pretrained else None)
+        self.proj = nn.Linear(self.model.config.hidden_size, cfg.width)
         self.num_patches = cfg.num_patches
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        h = self.model(pixel_values=pixel_values).last_hidden_state  # (B, N[+1], H)
-        h = h[:, -self.num_patches :]  # drop a leading CLS token if there is one
-        return self.proj(h)
+        h = self.model(pixel_values=pixel_values).last_hidden_state  # (B, prefix + N, H)
+        h = h[:, -self.num_patches :]  # drop the leading CLS / register tokens, if any
+        return self.proj(h)  # (B, N, H) -> (B, N, C)
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, pretrained: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.backbone = HFVision(cfg) if cfg.hf_path else ViT(cfg)
+        self.backbone = HFVision(cfg, pretrained) if cfg.hf_path or cfg.hf_config else ViT(cfg)
+        if cfg.freeze:  # the tower keeps its weights; HFVision's projection to C still trains
+            (self.backbone.model if isinstance(self.backbone, HFVision) else self.backbone).requires_grad_(False)
         self.register_buffer("pos_out", sincos_2d(cfg.grid, cfg.width) * cfg.pos_scale, persistent=False)
 
     def features(self, pixel_values: Tensor) -> Tensor:
@@ -68,9 +70,9 @@ class Encoder(nn.Module):
         return self.features(pixel_values) + self.pos_out  # (B, N, C): `patch_features`
 
 
-def preprocess(images: Tensor) -> Tensor:
-    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W)."""
+def preprocess(images: Tensor, cfg: EncoderConfig | None = None) -> Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W), with the tower's mean / std."""
     x = images.permute(0, 3, 1, 2).float() / 255.0  # (B, H, W, 3) -> (B, 3, H, W)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.mean if cfg else MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std if cfg else STD).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -66,16 +66,28 @@ class Batch:
     seqs: list[Sequence]
 
 
-def build_llm(cfg: SetokimConfig, vocab_size: int, tok) -> nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+def build_llm(cfg: SetokimConfig, tok, pretrained: bool = False) -> nn.Module:
+    """The built-in Llama from cfg.llm, or a Hugging Face family's LLM (model/families.py): from
+    its stored config (a checkpoint's), or at the start of training with the weights of
+    cfg.llm.hf_path, its vocabulary grown by the tokens setok adds (only their rows initialised)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    if cfg.llm.hf_path:
-        llm = AutoModelForCausalLM.from_pretrained(cfg.llm.hf_path, local_files_only=True, trust_remote_code=False)
-        llm.resize_token_embeddings(vocab_size)
-        return llm
+    from setok.model.families import build_causal_lm, read_config, require_dir
+
     c = cfg.llm
+    if pretrained and c.hf_path:
+        llm = build_causal_lm(read_config(c.hf_path, "--llm"), pretrained=c.hf_path)
+        T.grow_vocab(llm, tok)
+        c.hf_config = T.plain_config(llm)
+        return llm
+    if c.hf_config:
+        return build_causal_lm(c.hf_config)
+    if c.hf_path:  # a checkpoint from before configs were stored: as it was built then
+        llm = build_causal_lm(read_config(require_dir(c.hf_path, "LLM"), "--llm"))
+        llm.resize_token_embeddings(len(tok))
+        return llm
     conf = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        vocab_size=len(tok), hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads,
         max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=False,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -120,19 +132,21 @@ class SegHead(nn.Module):
 
 
 class Setokim(nn.Module):
-    def __init__(self, cfg: SetokimConfig, tokenizer):
+    def __init__(self, cfg: SetokimConfig, tokenizer, pretrained: bool = False):
+        """`pretrained`: start from the weights of the configs' Hugging Face directories (training
+        does); otherwise every part is built from the configs and loaded from a checkpoint."""
         super().__init__()
         self.cfg = cfg
         self.tok = tokenizer
-        self.vision = VisionTokenizer(cfg)
-        self.llm = build_llm(cfg, len(tokenizer), tokenizer)
+        self.vision = VisionTokenizer(cfg, pretrained)
+        self.llm = build_llm(cfg, tokenizer, pretrained)
         hidden = self.llm.config.hidden_size
         d = cfg.merger.token_dim
         self.projector = Projector(d, hidden)
         self.regress = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d))
         self.seg_query = nn.Linear(hidden, hidden)
         self.seg_key = nn.Linear(hidden, hidden)
-        self.ids = {name: tokenizer.convert_tokens_to_ids(name) for name in T.SPECIAL}
+        self.ids = T.special_ids(tokenizer)
 
     # ---- sequences -------------------------------------------------------------------------
     def encode_text(self, s: str) -> list[int]:

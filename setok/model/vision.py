@@ -28,11 +28,11 @@ class VisionTokens:
 
 
 class VisionTokenizer(nn.Module):
-    def __init__(self, cfg: SetokimConfig):
+    def __init__(self, cfg: SetokimConfig, pretrained: bool = False):
         super().__init__()
         self.cfg = cfg
         width = cfg.encoder.width
-        self.encoder = Encoder(cfg.encoder)
+        self.encoder = Encoder(cfg.encoder, pretrained)
         self.merger = Merger(cfg.merger, width, cfg.max_tokens, cfg.encoder.grid)
         self.detokenizer = Detokenizer(cfg.detokenizer, cfg.encoder, cfg.merger.token_dim)
 

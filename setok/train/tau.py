@@ -21,7 +21,7 @@ from setok.model.losses import patch_labels
 
 @torch.no_grad()
 def calibrate_tau(vision, items, cfg: SetokimConfig, candidates: int = 48) -> float:
-    px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
+    px = preprocess(torch.from_numpy(np.stack([it.image for it in items])), cfg.encoder)
     features = vision.encoder(px)
     d, score = density_peaks(features, cfg.cluster.k)
     masks = torch.from_numpy(np.stack([it.instance_mask for it in items]))

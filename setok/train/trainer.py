@@ -8,6 +8,7 @@ run killed and resumed with `--resume` sees exactly the batches the uninterrupte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from setok.config import SetokimConfig, preset
+from setok.config import EncoderConfig, SetokimConfig, preset
 from setok.data.items import TrainItem, item_stream
 from setok.errors import InputError
 from setok.model import text as T
@@ -81,6 +82,7 @@ class TrainOptions:
     batch_size: int | None = None
     encoder_path: str | None = None
     llm_path: str | None = None
+    freeze_encoder: bool = False  # the tower's weights stay as loaded (the merger and heads train)
     max_minutes: float | None = None  # wall-clock budget (baselines trained "for the same time")
     # Stage 2 also trains merger + detokenizer (clusters fixed: the encoder stays frozen), so the
     # LLM's losses shape what a token carries; reconstruction keeps the detokenizer in step.
@@ -100,20 +102,40 @@ def stage_steps(opts: TrainOptions) -> tuple[int, int]:
 def train(opts: TrainOptions) -> Path:
     torch.manual_seed(opts.seed)
     cfg = preset(opts.preset, opts.tokenizer)
-    cfg.encoder.hf_path, cfg.llm.hf_path = opts.encoder_path, opts.llm_path
-    stream = item_stream(opts.data, cfg.encoder.image_size, opts.seed)
+    if opts.encoder_path:
+        cfg.encoder = tower_config(cfg.encoder, opts.encoder_path)  # image size, patch grid, normalisation
+    cfg.encoder.freeze = opts.freeze_encoder
+    cfg.llm.hf_path = opts.llm_path
     state = _load_state(opts) if opts.resume else None
     if state is not None:
         model = Setokim.from_pretrained(opts.out)
+        cfg = model.cfg
         opts.tune_merger = opts.tune_merger or bool(state.get("tune_merger"))  # the recipe the run began with
         log.info("resuming %s at stage %s step %s", opts.out, state["stage"], state["step"])
-    else:
-        tok = T.train_text_tokenizer(stream.corpus() + prompt_words(), cfg.llm.vocab_size)
-        model = Setokim(cfg, tok)
+    stream = item_stream(opts.data, cfg.encoder.image_size, opts.seed)  # scenes at the tower's size
+    if state is None:
+        tok = (T.load_pretrained_tokenizer(opts.llm_path) if opts.llm_path
+               else T.train_text_tokenizer(stream.corpus() + prompt_words(), cfg.llm.vocab_size))
+        model = Setokim(cfg, tok, pretrained=True)
         state = {"stage": 1, "step": 0, "elapsed": 0.0}
     trainer = Trainer(model, opts, stream, state, init_from_env())
     trainer.run()
     return opts.out
+
+
+def tower_config(enc: EncoderConfig, path: str) -> EncoderConfig:
+    """The encoder config for a Hugging Face tower: its image size, patch size, normalisation and
+    config (stored, so the checkpoint is self-contained); the clustering width C stays setok's."""
+    from setok.model.families import image_norm, read_config, vision_family
+
+    config = read_config(path, "--encoder")
+    family = vision_family(config["model_type"])
+    mean, std = image_norm(path, family)
+    size, patch = int(config["image_size"]), int(config["patch_size"])
+    if size % patch:
+        raise InputError(f"--encoder {path}: image_size {size} is not a multiple of patch_size {patch}")
+    return dataclasses.replace(enc, hf_path=str(path), hf_config=config, image_size=size, patch_size=patch,
+                               mean=mean, std=std)
 
 
 def prompt_words() -> list[str]:
@@ -216,7 +238,7 @@ class Trainer:
         if step > 0 and step % max(1, self.steps[0] // 4) == 0:
             self._calibrate()  # keep tau matched to the moving features
         items = shard(self.stream.batch(step, self.batch), self.dist)
-        px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
+        px = preprocess(torch.from_numpy(np.stack([it.image for it in items])), self.cfg.encoder)
         vt = self.model.vision(px)
         losses = {"recon": torch.nn.functional.mse_loss(self.model.vision.reconstruct(vt), px)}
         if self.stream.has_masks:
@@ -255,7 +277,7 @@ class Trainer:
     def step_stage2(self, step: int) -> dict[str, float]:
         indexed = shard(list(enumerate(self.stream.batch(self.steps[0] + step, self.batch))), self.dist)
         items = [it for _, it in indexed]
-        px = preprocess(torch.from_numpy(np.stack([it.image for it in items])))
+        px = preprocess(torch.from_numpy(np.stack([it.image for it in items])), self.cfg.encoder)
         extra = {}
         if self.opts.tune_merger:
             vt = self.model.vision(px, encoder_grad=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper, shape_inference
+from onnx.external_data_helper import uses_external_data
 
 from setok.errors import InputError
 from setok.manifest import CLUSTER_OP, inside, load_manifest
@@ -75,7 +76,10 @@ class Graph:
         self.consumed = {i for n in g.node for i in n.input} | {o.name for o in g.output}
         self.info = {v.name: v.type for v in [*g.input, *g.value_info, *g.output]}
         fed = {i.name for i in g.input}  # an initializer that is also an input can be overridden at run time
-        self.values = {t.name: numpy_helper.to_array(t) for t in g.initializer if t.name not in fed}
+        stored = [t for t in g.initializer if t.name not in fed]
+        # Weights in external data stay on disk (lint never needs their values, only that they are constant).
+        self.weights = {t.name: list(t.dims) for t in stored if uses_external_data(t)}
+        self.values = {t.name: numpy_helper.to_array(t) for t in stored if t.name not in self.weights}
         self.init_types = {t.name: t.data_type for t in g.initializer}
         for n in g.node:
             if n.op_type == "Constant" and n.domain in STANDARD_DOMAINS and n.attribute and n.attribute[0].name == "value":
@@ -84,7 +88,7 @@ class Graph:
 
     def _fold_constants(self) -> set[str]:
         """Tensors known at build time: initializers, Constants, and ops over only those (TensorRT folds them)."""
-        const = set(self.values)
+        const = set(self.values) | set(self.weights)
         for n in self.model.graph.node:  # nodes are topologically sorted in a valid model
             if n.op_type == "Constant" or (n.op_type == "Shape" and self.static(n.input[0])):
                 const.update(n.output)
@@ -100,6 +104,8 @@ class Graph:
         """Static ints, symbolic names, None for unknown; None overall when even the rank is unknown."""
         if name in self.values:
             return list(self.values[name].shape)
+        if name in self.weights:
+            return self.weights[name]
         t = self.info.get(name)
         if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
             return None
@@ -379,7 +385,8 @@ def lint_bundle(bundle: Path, target: str = "tensorrt", trt_version: str = "10.8
     bundle, table = Path(bundle), load_table()
     findings = _version_note(table, trt_version)
     for st in load_manifest(bundle).stages:
-        model = onnx.load(str(inside(bundle, st.file)))
+        # The graph without its external weights: a multi-GB LLM lints in the memory of its graph.
+        model = onnx.load(str(inside(bundle, st.file)), load_external_data=False)
         stage_findings = lint_model(model, st.name, table, set(PLUGIN_OPS))
         opset = max((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), default=None)
         if opset is not None and opset != st.opset:
