@@ -24,10 +24,13 @@ every activation tensor of the fp32 graph.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,8 @@ from onnxruntime.quantization.calibrate import (
 )
 
 from setok.calibration.feeds import FeedReader
+from setok.errors import InputError
+from setok.plugins.versions import JETPACK6_TRT, version_tuple
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,14 @@ METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entr
 # See the module docstring for why Entropy needs num_bins > num_quantized_bins.
 CALIB_OPTIONS = {"minmax": {}, "entropy": {"num_bins": 512, "num_quantized_bins": 128},
                  "percentile": {"num_bins": 2048, "percentile": 99.999, "symmetric": True}}
-TRT_VERSION = 100300  # TensorRT 10.3.0 (major*10000 + minor*100 + patch)
+# The table's header names the TensorRT that reads it, "TRT-<major*10000 + minor*100 + patch>-..."
+# (NvInferVersion.h's NV_TENSORRT_MAJOR/MINOR/PATCH). A TensorRT may treat a table with another
+# version as stale and calibrate again, with no data here (the calibrator only reads), so the header
+# is written for the reader: `setok calibrate --trt-version`, default the installed TensorRT, JetPack
+# 6's 10.3 on a Jetson, else 10.3 (logged).
+TRT_VERSION = 100300  # TensorRT 10.3.0: the fallback reader
+JETSON_RELEASE = Path("/etc/nv_tegra_release")
+_TABLE_VERSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("trt_table_version", default=None)
 QMAX = 127.0  # symmetric int8
 
 
@@ -99,9 +111,57 @@ def range_table(ranges: dict[str, tuple[float, float]]) -> dict[str, dict[str, f
     return out
 
 
-def trt_calib_table(ranges: dict[str, tuple[float, float]], version: int = TRT_VERSION) -> str:
+def trt_version_int(version: str) -> int:
+    """'10.13.0.35' -> 101300; InputError for anything that is not a TensorRT 8+ version."""
+    try:
+        parts = (*version_tuple(version), 0, 0)[:3]
+    except ValueError:
+        parts = (0,)
+    if parts[0] < 8 or any(p > 99 for p in parts[1:3]):
+        raise InputError(f"--trt-version {version!r}; expected a TensorRT version such as 10.3 or 10.13.0")
+    return parts[0] * 10000 + parts[1] * 100 + parts[2]
+
+
+def installed_trt_version() -> str | None:
+    """The installed TensorRT's version, read from package metadata (no import)."""
+    from importlib import metadata
+
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt_lean"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(dist)
+    return None
+
+
+def default_trt_version() -> str:
+    """Who will read the table: the installed TensorRT, else JetPack 6's on a Jetson, else 10.3 (logged)."""
+    found = installed_trt_version()
+    if found:
+        return found
+    if not JETSON_RELEASE.exists():
+        log.warning("no TensorRT here: the calibration tables are written for TensorRT %s "
+                    "(pass --trt-version for another)", JETPACK6_TRT)
+    return JETPACK6_TRT
+
+
+@contextlib.contextmanager
+def table_version(version: str | None) -> Iterator[int]:
+    """Within the block, calibration tables are written for TensorRT `version` (None: the default)."""
+    value = trt_version_int(version or default_trt_version())
+    token = _TABLE_VERSION.set(str(value))
+    try:
+        yield value
+    finally:
+        _TABLE_VERSION.reset(token)
+
+
+def current_table_version() -> int:
+    value = _TABLE_VERSION.get()
+    return int(value) if value else trt_version_int(default_trt_version())
+
+
+def trt_calib_table(ranges: dict[str, tuple[float, float]], version: int | None = None) -> str:
     """TensorRT's calibration cache text: a header, then `name: <big-endian hex of float32 scale>`."""
-    lines = [f"TRT-{version}-EntropyCalibration2"]
+    lines = [f"TRT-{current_table_version() if version is None else version}-EntropyCalibration2"]
     for name, entry in range_table(ranges).items():
         # A zero scale (a constant-zero tensor) would make TensorRT divide by zero; use the
         # smallest normal float instead, which quantizes that tensor to exact zeros all the same.

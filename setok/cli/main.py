@@ -107,12 +107,14 @@ def demo(ckpt: Path | None, out: Path, n: int) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 @click.option("--opset", type=click.IntRange(14, 21), default=17, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="Override the cluster stage's max_tokens.")
+@click.option("--max-context", type=click.IntRange(2), default=None,
+              help="Cap the LLM's context (default: its config's max_position_embeddings).")
 @user_errors
-def export(ckpt: Path, out: Path, opset: int, max_tokens: int | None) -> None:
+def export(ckpt: Path, out: Path, opset: int, max_tokens: int | None, max_context: int | None) -> None:
     """Export every stage of a checkpoint to ONNX, validated against PyTorch, plus manifest.json."""
     from setok.export.onnx import export_bundle
 
-    export_bundle(_checkpoint(ckpt), out, opset=opset, max_tokens=max_tokens)
+    export_bundle(_checkpoint(ckpt), out, opset=opset, max_tokens=max_tokens, max_context=max_context)
     click.echo(f"bundle written to {out}")
 
 
@@ -177,15 +179,22 @@ def parity(ckpt: Path, bundle: Path, images: Path | None, n: int, precision: str
 @click.option("--keep-slow-int8", is_flag=True, help="Keep INT8 stages even where they are not faster than fp32 here.")
 @click.option("--task-gate", type=click.IntRange(0), default=100, show_default=True,
               help="Held-out scenes for the task-accuracy gate (0: skip it).")
+@click.option("--trt-version", default=None,
+              help="TensorRT that will read the calibration tables (their header); default: the installed one, "
+                   "10.3 (JetPack 6) without one.")
 @user_errors
 def calibrate(bundle: Path, out: Path, data: str, n: int, method: str, stages: str | None, quantizer: str,
-              auto_exclude: bool, seed: int, keep_slow_int8: bool, task_gate: int) -> None:
+              auto_exclude: bool, seed: int, keep_slow_int8: bool, task_gate: int, trt_version: str | None) -> None:
     """Calibrate a bundle on real data into explicit Q/DQ INT8 ONNX (+ range files, TensorRT table)."""
     from setok.calibration import calibrate_bundle
+    from setok.calibration.ranges import table_version
 
     names = [x.strip() for x in stages.split(",") if x.strip()] if stages else None
-    report = calibrate_bundle(bundle, out, data=data, n=n, method=method, stages=names, quantizer=quantizer,
-                              auto_exclude=auto_exclude, seed=seed, speed_gate=not keep_slow_int8, task_gate=task_gate)
+    with table_version(trt_version) as header:
+        report = calibrate_bundle(bundle, out, data=data, n=n, method=method, stages=names, quantizer=quantizer,
+                                  auto_exclude=auto_exclude, seed=seed, speed_gate=not keep_slow_int8,
+                                  task_gate=task_gate)
+    report["trt_calibration_table"] = f"TRT-{header}"
     click.echo(json.dumps(report, indent=2, default=str))
 
 
@@ -314,11 +323,12 @@ def plugin() -> None:
 @click.option("--max-patches", type=click.IntRange(1), default=1024, show_default=True, help="Largest N the AOT kernel serves.")
 @click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
 @user_errors
-def plugin_compile(arch: str, out: Path, max_patches: int, max_tokens: int) -> None:
+def plugin_compile(arch: str, out: Path, max_patches: int, max_tokens: int, ptx_version: str | None) -> None:
     """Compile the kernels to PTX (and cubin) without a GPU; list kernels and launch parameters."""
     from setok.plugins.compile import compile_kernels
 
-    result = compile_kernels([a.strip() for a in arch.split(",") if a.strip()], out, max_patches, max_tokens)
+    result = compile_kernels([a.strip() for a in arch.split(",") if a.strip()], out, max_patches, max_tokens,
+                             ptx_version)
     click.echo(json.dumps(result, indent=2))
 
 
@@ -330,3 +340,24 @@ def _checkpoint(path: Path) -> Path:
 
 if __name__ == "__main__":
     main()
+@click.option("--ptx-version", default=None,
+              help="PTX ISA of the files (e.g. 8.5); default per --arch: sm_87 -> 8.5 (JetPack 6, CUDA 12.6), "
+                   "others -> the installed CUDA runtime's.")
+@main.command("gpu-check")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("gpu-check"), show_default=True,
+              help="Folder for gpu_check.json.")
+@click.option("--dry-run", is_flag=True, help="List the checks and check their inputs; run nothing.")
+@click.option("--only", default=None, help="Comma-separated checks to run (default: all).")
+@user_errors
+def gpu_check(out: Path, dry_run: bool, only: str | None) -> None:
+    """Check the GPU path on this machine (Triton kernels, AOT PTX, reference model, TensorRT runner; engines
+    where TensorRT is installed) in under 8 minutes; JSON report. Exit 1 when a check fails."""
+    from setok.cli.gpu_check import plan, run_checks
+
+    names = [x.strip() for x in only.split(",") if x.strip()] if only else None
+    report = plan(out) if dry_run else run_checks(out, names)
+    click.echo(json.dumps(report, indent=2, default=str))
+    if not dry_run and not report["passed"]:
+        sys.exit(1)
+
+

@@ -6,7 +6,12 @@ int computed from N (topk is padded to k columns, the count clamp uses the confi
 the graph runs for any N, N < k included.
 
 Plugin form: one node of the manifest's CLUSTER_OP carrying the config as attributes, for the
-TensorRT plugin and for onnxruntime-extensions (setok/backends/onnxrt/custom_op.py).
+TensorRT plugin and for onnxruntime-extensions (setok/backends/onnxrt/custom_op.py). Besides the
+algorithm's attributes the node carries the three TensorRT's ONNX parser reads for a Python plugin
+(PARSER_ATTRS): `plugin_namespace` and `plugin_version` find the creator (onnx-tensorrt
+onnxOpImporters.cpp, FallbackPluginImporter; defaults "" and "1"), `aot` picks the implementation
+(importerUtils.cpp, createPlugin: 1 -> STRICT_AOT, 0 -> STRICT_JIT). Without `aot` a plugin that has
+both implementations is refused unless the network says which it prefers.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ from setok.model.cluster import DensityPeakCluster
 
 log = logging.getLogger(__name__)
 
-CLUSTER_INPUTS = ("patch_features",)  # float32 [B, N, C]
+CLUSTER_INPUTS = ("patch_features",)
+# The node attributes TensorRT's ONNX parser consumes itself: name -> ONNX attribute type.
+PARSER_ATTRS = {"plugin_namespace": onnx.AttributeProto.STRING, "plugin_version": onnx.AttributeProto.STRING,
+                "aot": onnx.AttributeProto.INT}  # float32 [B, N, C]
 CLUSTER_OUTPUTS = ("assignment", "num_tokens", "centers")  # int64 [B, N], [B], [B, max_tokens]
 
 _DYNAMIC_AXES = {
@@ -76,8 +84,10 @@ def _fix_centers_dim(model: onnx.ModelProto, max_tokens: int) -> None:
             dim.dim_value = max_tokens
 
 
-def plugin_model(cfg: ClusterConfig, opset: int = 17, plugin_namespace: str = CLUSTER_OP.domain) -> onnx.ModelProto:
-    """The one-node plugin graph (no file I/O)."""
+def plugin_model(cfg: ClusterConfig, opset: int = 17, plugin_namespace: str = CLUSTER_OP.domain,
+                 aot: bool = True) -> onnx.ModelProto:
+    """The one-node plugin graph (no file I/O); `aot`: TensorRT embeds the fused kernel's PTX
+    (no Python at run time) instead of calling the Triton step kernels through Python."""
     node = helper.make_node(
         CLUSTER_OP.op_type,
         list(CLUSTER_INPUTS),
@@ -89,6 +99,8 @@ def plugin_model(cfg: ClusterConfig, opset: int = 17, plugin_namespace: str = CL
         min_tokens=int(cfg.min_tokens),
         max_tokens=int(cfg.max_tokens),
         plugin_namespace=plugin_namespace,
+        plugin_version=str(CLUSTER_OP.version),
+        aot=int(aot),
     )
     graph = helper.make_graph(
         [node],

@@ -73,19 +73,20 @@ def _declare_shapes(path: Path, specs: list[M.TensorSpec]) -> None:
     onnx.save(m, str(path))
 
 
-def text_contract(model: Setokim) -> dict:
+def text_contract(model: Setokim, max_context: int | None = None) -> dict:
     """What the runtime needs to build the same sequences as Setokim, without transformers."""
     return {
         "special_ids": dict(model.ids),
         "prompts": {"caption": CAPTION_PROMPT, "question": QUESTION_PROMPT, "refer": REFER_PROMPT, "draw": DRAW_PROMPT},
         "num_layers": model.llm.config.num_hidden_layers,
-        "max_positions": model.llm.config.max_position_embeddings,
+        # The LLM's own context, capped at export (the runtime and TensorRT size KV caches from it).
+        "max_positions": min(model.llm.config.max_position_embeddings, max_context or 1 << 62),
         **({"chat_template": model.tok.chat_template} if getattr(model.tok, "chat_template", None) else {}),
     }
 
 
 def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: bool = True, max_tokens: int | None = None,
-                  stages: dict[str, Stage] | None = None) -> Path:
+                  stages: dict[str, Stage] | None = None, max_context: int | None = None) -> Path:
     """Export every registered stage (of `stages`, default the registry) of a checkpoint to `out`
     (atomically), validate each, and write the manifest."""
     from tqdm.auto import tqdm
@@ -105,7 +106,8 @@ def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: b
                 st.validate(st, model, path, example)
             entries.append(_entry(st, model, path, opset))
             files.update({role: {"file": f, "sha256": M.sha256(tmp / f)} for role, f in st.files})
-        M.Manifest(setok.__version__, model.cfg.to_dict(), preprocessing(model), entries, files, text_contract(model)).write(tmp)
+        text = text_contract(model, max_context)
+        M.Manifest(setok.__version__, model.cfg.to_dict(), preprocessing(model), entries, files, text).write(tmp)
     log.info("bundle written to %s", out)
     return Path(out)
 

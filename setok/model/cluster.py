@@ -75,20 +75,22 @@ def peak_distance(d: Tensor, denser: Tensor) -> Tensor:
     """delta_i = min d_ij over denser j; the densest patch gets the image-wide max of d."""
     big = d.amax(dim=(1, 2))  # (B,) image-wide maximum (the batched original, not per row)
     masked = d.masked_fill(~denser, float("inf"))
-    delta = masked.amin(-1)  # (B, N); inf only for the densest patch
-    return torch.where(denser.any(-1), delta, big.unsqueeze(1))
+    delta = masked.amin(-1)  # (B, N); inf only for the densest patch (distances are finite)
+    # Tested on delta, not with denser.any(-1): the exporter writes any() as an int64 (B, N, N) sum.
+    return torch.where(delta < float("inf"), delta, big.unsqueeze(1))
 
 
 def score_rank(score: Tensor) -> Tensor:
     """Rank of each score, highest first, ties by lower index.  (B, N) -> (B, N) int32.
 
-    Counts are int32 throughout (exact, and the types TensorRT's Min/Max/ReduceSum take)."""
+    Counted in float32 (exact below 2^24) and returned as int32: an integer sum over the (B, N, N)
+    mask exports as an int64 (B, N, N) tensor, twice the distances' memory at N = 1024."""
     n = score.shape[-1]
     idx = torch.arange(n, device=score.device)
     s_i, s_j = score.unsqueeze(2), score.unsqueeze(1)
     lower = (idx.unsqueeze(0) < idx.unsqueeze(1)).unsqueeze(0)  # (1, N, N): j < i
     before = (s_j > s_i) | ((s_j == s_i) & lower)
-    return before.sum(-1, dtype=torch.int32)
+    return before.float().sum(-1).to(torch.int32)
 
 
 def select_centers(score: Tensor, cfg: ClusterConfig) -> Tensor:

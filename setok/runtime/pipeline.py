@@ -63,7 +63,7 @@ class Image:
 
 class Pipeline:
     def __init__(self, bundle: Path, manifest: M.Manifest, backend: str, providers, threads, engines: Path | None = None,
-                 spin: bool = True):
+                 spin: bool = True, max_context: int | None = None):
         self.bundle, self.manifest, self.backend, self.engines = bundle, manifest, backend, engines
         self.spin = spin
         self.providers, self.threads = providers, threads
@@ -75,23 +75,27 @@ class Pipeline:
         self.grid = self.size // self.patch
         self.max_tokens = manifest.stage("detokenizer").inputs[0].shape[1]
         self.ids = manifest.text["special_ids"]
+        # The LLM's context: what the bundle was exported for, capped by the caller (a robot may
+        # give a 32k-context LLM a few hundred positions to bound its KV cache).
+        self.max_context = min(int(manifest.text["max_positions"]), max_context or 1 << 62)
         self.prompts = manifest.text["prompts"]
         self.embeddings = np.load(M.inside(bundle, manifest.files["embeddings"]["file"])).astype(np.float32)
         self.tokenizer = _load_tokenizer(M.inside(bundle, manifest.files["tokenizer"]["file"]))
 
     @classmethod
     def open(cls, bundle: str | Path, backend: str = "onnxruntime", providers: list | None = None,
-             threads: int | None = None, spin: bool = True) -> Pipeline:
+             threads: int | None = None, spin: bool = True, max_context: int | None = None) -> Pipeline:
         """Open a bundle (backend "onnxruntime") or an engines directory written by `setok build`
         (backend "tensorrt"): the manifest is read and every file's sha256 checked; sessions are lazy."""
         bundle = Path(bundle)
         if backend == "onnxruntime":
-            return cls(bundle, M.load_manifest(bundle), backend, providers, threads, spin=spin)
+            return cls(bundle, M.load_manifest(bundle), backend, providers, threads, spin=spin, max_context=max_context)
         if backend == "tensorrt":
             if not (bundle / "engines.json").is_file():
                 raise InputError(f"{bundle}: no engines.json; backend 'tensorrt' opens a directory written by `setok build`")
             contract = bundle / "bundle"
-            return cls(contract, M.load_manifest(contract, stages=False), backend, providers, threads, engines=bundle)
+            return cls(contract, M.load_manifest(contract, stages=False), backend, providers, threads, engines=bundle,
+                       max_context=max_context)
         raise InputError(f"backend {backend!r}; expected 'onnxruntime' or 'tensorrt'")
 
     def stage(self, name: str) -> Backend:
@@ -211,8 +215,8 @@ class Pipeline:
         mask = np.zeros((len(prompts), length), np.int64)
         for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
             embeds[i, length - p.shape[0]:], mask[i, length - p.shape[0]:] = p, 1
-        if length + max_new_tokens > self.manifest.text["max_positions"]:
-            raise InputError(f"prompt of {length} tokens + {max_new_tokens} new exceeds the context")
+        if length + max_new_tokens > self.max_context:
+            raise InputError(f"prompt of {length} tokens + {max_new_tokens} new exceeds the context of {self.max_context}")
         decoder = self.stage("llm").decoder(len(prompts))
         ids: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(len(prompts), bool)
@@ -345,7 +349,7 @@ class Pipeline:
         """Yield (token id, hidden state of that token once fed back); greedy when temperature == 0."""
         if not 1 <= max_new_tokens <= 4096:
             raise InputError(f"max_new_tokens={max_new_tokens}; expected 1..4096")
-        limit = self.manifest.text["max_positions"]
+        limit = self.max_context
         if embeds.shape[1] + max_new_tokens > limit:
             raise InputError(f"prompt of {embeds.shape[1]} tokens + {max_new_tokens} new exceeds the context of {limit}")
         rng = np.random.default_rng(seed)

@@ -45,7 +45,8 @@ def test_cluster_contract(tiny_bundle):
     plugin = onnx.load(str(tiny_bundle / "cluster_plugin.onnx"))
     (node,) = plugin.graph.node
     assert (node.domain, node.op_type) == ("setok", "DensityPeakCluster")
-    assert {a.name for a in node.attribute} == {"k", "tau", "min_tokens", "max_tokens", "plugin_namespace"}
+    assert {a.name for a in node.attribute} == {"k", "tau", "min_tokens", "max_tokens", "plugin_namespace",
+                                                 "plugin_version", "aot"}
     standard = onnx.load(str(tiny_bundle / "cluster.onnx"))
     assert {n.domain for n in standard.graph.node} <= {""}, "standard ONNX ops only"
 

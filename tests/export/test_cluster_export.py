@@ -148,7 +148,8 @@ def test_plugin_graph(tmp_path: Path) -> None:
     assert (node.domain, node.op_type) == ("setok", "DensityPeakCluster")
     assert list(node.input) == ["patch_features"] and list(node.output) == list(CLUSTER_OUTPUTS)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    assert attrs == {"k": 5, "tau": pytest.approx(0.5), "min_tokens": 3, "max_tokens": 17, "plugin_namespace": b"ns"}
+    assert attrs == {"k": 5, "tau": pytest.approx(0.5), "min_tokens": 3, "max_tokens": 17, "plugin_namespace": b"ns",
+                     "plugin_version": b"1", "aot": 1}  # the last three: read by TensorRT's ONNX parser
     assert {(o.domain, o.version) for o in model.opset_import} >= {("setok", 1)}
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.output}
     assert dims == {"assignment": ["batch", "num_patches"], "num_tokens": ["batch"], "centers": ["batch", 17]}

@@ -16,7 +16,7 @@ from setok.runtime import Pipeline
 
 @pytest.fixture(scope="module")
 def external_bundle(tiny_ckpt, tmp_path_factory):
-    import setok.export.llm as llm
+    from setok.export import llm
     from setok.export.onnx import export_bundle
 
     mp = pytest.MonkeyPatch()

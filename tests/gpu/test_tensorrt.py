@@ -13,7 +13,7 @@ COSINE = 0.999
 
 def _skip_reason() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
-        return "tensorrt is not installed (pip install 'setok[gpu]' on a machine with an NVIDIA GPU, TensorRT >= 10.8)"
+        return "tensorrt is not installed (pip install 'setok[gpu]' on a machine with an NVIDIA GPU, TensorRT >= 10.3; >= 10.9 for the AOT plugin)"
     try:
         from setok.backends.trt.runner import device_info
 
@@ -139,7 +139,7 @@ def test_a_batch_over_the_profile_is_refused_by_name(engines, feeds):
 
 def test_cluster_plugin_equals_the_reference_exactly(tiny_bundle, tmp_path, feeds, reference):
     if importlib.util.find_spec("tensorrt.plugin") is None or importlib.util.find_spec("triton") is None:
-        pytest.skip("the cluster plugin needs tensorrt.plugin (TensorRT >= 10.8) and triton")
+        pytest.skip("the cluster plugin needs tensorrt.plugin (TensorRT >= 10.9) and triton")
     out = build_engines(tiny_bundle, tmp_path / "engines", cluster_form="plugin", stages=["cluster"])
     assert load_engines_manifest(out).engine("cluster").plugin is not None
     cluster = open_engines(out, ["cluster"])["cluster"]

@@ -14,11 +14,16 @@ import transformers as tf
 from setok import manifest as M
 from setok.errors import InputError
 from setok.export.llm import export_llm, llm_specs, validate_llm
-from setok.model.families import LLM_FAMILIES, VISION_FAMILIES, llm_family, vision_family
+from setok.model.families import (
+    LLM_FAMILIES,
+    VISION_FAMILIES,
+    llm_family,
+    vision_family,
+)
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
-LLM = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, max_position_embeddings=128)
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+LLM = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 128}
 # GQA everywhere (4 query heads, 2 KV heads); head_dim != hidden / heads where the family has one;
 # sliding windows shorter than validate_llm's 7-token prefill; Gemma ties its embeddings.
 LLM_CONFIGS = {
@@ -164,11 +169,12 @@ def test_user_tower_and_llm_end_to_end_with_the_llm_tokenizer(hf_dirs, tmp_path)
               if k.startswith("vision.encoder.backbone.model.")}
     assert frozen and all(torch.equal(frozen[k], v) for k, v in tower_before.items()), "--freeze-encoder"
     (tmp_path / "elsewhere").mkdir()
-    _cli("export", tmp_path / "ck", "--out", tmp_path / "b", cwd=tmp_path / "elsewhere")
+    _cli("export", tmp_path / "ck", "--out", tmp_path / "b", "--max-context", 96, cwd=tmp_path / "elsewhere")
     assert "PASS" in _cli("parity", tmp_path / "ck", tmp_path / "b", "--n", 2, cwd=tmp_path / "elsewhere")
     m = M.load_manifest(tmp_path / "b")
     assert m.text["special_ids"]["<bos>"] == original.eos_token_id, "no BOS: documents start with EOS"
     assert m.text["chat_template"] == original.chat_template and m.preprocessing["size"] == 32
+    assert m.text["max_positions"] == 96, "the LLM's 128 positions, capped at export"
     pipe = Pipeline.open(tmp_path / "b")
     assert isinstance(pipe.answer(np.zeros((50, 40, 3), np.uint8), "how many objects are there").text, str)
 

@@ -179,7 +179,7 @@ def test_trt_plugin_imports_and_reports_missing_tensorrt(monkeypatch):
     monkeypatch.setattr(trt_plugin, "_registered", False)
     with pytest.raises(MissingDependency) as err:
         trt_plugin.register_plugin()
-    assert "pip install 'setok[gpu]'" in str(err.value) and "TensorRT >= 10.8" in str(err.value)
+    assert "pip install 'setok[gpu]'" in str(err.value) and "TensorRT >= 10.9" in str(err.value)
 
 
 def test_plugin_modules_import_without_tensorrt_or_cuda():
@@ -190,3 +190,44 @@ def test_plugin_modules_import_without_tensorrt_or_cuda():
     """)
     run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+_PTX_SCRIPT = """
+import sys
+from pathlib import Path
+from setok.plugins.compile import compile_kernels
+compile_kernels(sys.argv[2].split(","), Path(sys.argv[1]), max_patches=64, max_tokens=16,
+                ptx_version=None if sys.argv[3] == "default" else sys.argv[3])
+"""
+
+
+@needs_triton
+@pytest.mark.parametrize(("archs", "ptx", "want"), [("sm_87", "default", "8.5"), ("sm_87,sm_90", "8.4", "8.4")])
+def test_ptx_declares_the_requested_isa(tmp_path, archs, ptx, want):
+    """Every .ptx (the AOT one too) declares the ISA asked for; sm_87 defaults to JetPack 6's 8.5."""
+    from setok.plugins.compile import ptx_isa
+
+    run = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, str(tmp_path), archs, ptx], env=_env_without_interpreter(),
+                         check=False, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    manifest = json.loads((tmp_path / "kernels.json").read_text())
+    files = [e[k] for e in manifest["kernels"] for k in ("ptx", "aot_ptx") if k in e]
+    assert len(files) == 8 * len(archs.split(","))
+    for f in files:
+        text = (tmp_path / f).read_text()
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(".version"))
+        assert line.split() == [".version", want], (f, line)
+        assert ptx_isa(text) == want
+    assert {e["ptx_version"] for e in manifest["kernels"]} == {want}
+    assert all((tmp_path / e["cubin"]).is_file() for e in manifest["kernels"])  # ptxas accepted that ISA
+
+
+def test_plugin_compile_refuses_a_bad_ptx_version(tmp_path):
+    from click.testing import CliRunner
+
+    from setok.cli.main import main
+
+    for bad, why in (("85", "not a PTX ISA version"), ("7.0", "sm_87 needs PTX ISA >= 7.4")):
+        result = CliRunner().invoke(main, ["plugin", "compile", "--arch", "sm_87", "--out", str(tmp_path / "o"),
+                                           "--ptx-version", bad])
+        assert result.exit_code == 2 and why in result.output, result.output

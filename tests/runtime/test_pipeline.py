@@ -201,3 +201,14 @@ def test_manifest_io_must_match_the_graph(tiny_bundle, tmp_path):
     p = Pipeline.open(b)
     with pytest.raises(BundleError, match="merger.*does not match the manifest"):
         p.tokenize(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_the_context_can_be_capped_below_the_bundles(tiny_bundle):
+    img = np.zeros((64, 64, 3), np.uint8)
+    full = Pipeline.open(tiny_bundle, threads=1)
+    assert full.max_context == M.load_manifest(tiny_bundle).text["max_positions"]
+    capped = Pipeline.open(tiny_bundle, threads=1, max_context=24)
+    assert capped.max_context == 24
+    full.answer(img, "how many objects are there", max_new_tokens=20)
+    with pytest.raises(InputError, match="exceeds the context of 24"):
+        capped.answer(img, "how many objects are there", max_new_tokens=20)

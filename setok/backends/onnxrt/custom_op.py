@@ -153,7 +153,10 @@ def register_plugin() -> None:
         "tau": dt.dt_float,
         "min_tokens": dt.dt_int64,
         "max_tokens": dt.dt_int64,
+        # Read by TensorRT's ONNX parser, unused here; declared so the node's attributes are all known.
         "plugin_namespace": dt.dt_string,
+        "plugin_version": dt.dt_string,
+        "aot": dt.dt_int64,
     }
 
     # "domain::op" is how onnxruntime-extensions places a PyOp outside ai.onnx.contrib.

@@ -12,8 +12,10 @@ Precision, per stage (plan_stage, pure and unit-tested):
 - the cluster stage always stays fp32 with TF32 off: its outputs are discrete (argmin ties, the
   tau threshold), so reduced precision changes token ids, not just values.
 
-Everything with TensorRT is written against its documented Python API (TensorRT 10.8+, 11.x; 10.3
-on JetPack 6); tensorrt is not installable on the development machine.
+Everything with TensorRT is written against its documented Python API (TensorRT 10.3 on JetPack 6
+for standard-op engines, 10.9+ for the Python AOT plugin, 11.x); tensorrt is not installable on the
+development machine. TensorRT 11 networks are always strongly typed: the STRONGLY_TYPED creation flag
+is deprecated and ignored there (python/docstrings/infer/pyCoreDoc.h, v11.0), so it is set on 10.x only.
 
 Stages are told apart by what the manifest says of them, never by name: an entry with only
 integer outputs is `exact` (kept fp32), an entry that is a `form_of` another stage is one of the
@@ -43,6 +45,7 @@ from setok.backends.trt.profiles import Limits, Profile, stage_profiles
 from setok.errors import InputError, SetokError
 from setok.io import atomic_dir, write_bytes
 from setok.optional import require, tensorrt
+from setok.plugins.versions import TRT_PYTHON_PLUGIN_MIN, version_tuple
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ def choose_cluster_form(requested: str, has_plugin_stage: bool, plugin_available
             raise InputError("cluster_form='plugin': the bundle has no plugin (custom-op) form of a stage; "
                              "use 'standard' or 'auto'")
         return "plugin"
-    # auto: the plugin needs tensorrt.plugin (TensorRT >= 10.7/10.8) and Triton at build time. A
+    # auto: the plugin needs tensorrt.plugin with AOT (TensorRT >= 10.9) and Triton at build time. A
     # version-compatible plan runs on a later TensorRT's lean runtime, where a Python plugin's
     # registration is not guaranteed: the standard-op graph carries no such dependency.
     return "plugin" if has_plugin_stage and plugin_available and not version_compatible else "standard"
@@ -164,11 +167,12 @@ def build_engines(bundle: Path, out: Path, precision: str = "fp32", max_batch: i
     manifest = M.load_manifest(bundle)
     refuse_cpu_only(manifest)
     trt = tensorrt()
-    from setok.backends.trt.runner import device_info
+    from setok.backends.trt.runner import device_info, trt_logger
 
     limits = Limits.from_manifest(manifest, max_batch)
     trt_major = parse_version(trt.__version__)[0]
-    form = choose_cluster_form(cluster_form, has_plugin_form(manifest), _plugin_available(), version_compatible)
+    form = choose_cluster_form(cluster_form, has_plugin_form(manifest), _plugin_available(trt.__version__),
+                               version_compatible)
     if form == "plugin":
         from setok.plugins.trt_plugin import register_plugin
 
@@ -176,7 +180,7 @@ def build_engines(bundle: Path, out: Path, precision: str = "fp32", max_batch: i
     pairs = _selected(engine_stages(manifest, form), stages)
     gpu_name, cc = device_info()
     cache = timing_cache.read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
-    logger = _logger(trt)
+    logger = trt_logger()  # one logger per process: TensorRT keeps the first one it is given
     entries = []
     with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="setok-build-") as work:
         ctx = _Ctx(trt, logger, bundle, manifest, Path(tmp), Path(work), precision, trt_major, version_compatible)
@@ -235,7 +239,9 @@ def _build_one(ctx: _Ctx, name: str, entry: M.StageEntry, profiles: list[Profile
     engine, cache = build_stage(ctx.trt, ctx.logger, name, src, plan, profiles, cache, ctx.version_compatible)
     file = f"{name}.engine"
     (ctx.out / file).write_bytes(engine)
-    plugin = {"id": entry.custom_op, "module": PLUGIN_MODULE} if entry.custom_op else None
+    # An AOT plugin's kernel is inside the engine: no Python is needed to run it (NVIDIA/TensorRT
+    # samples/python/quickly_deployable_plugins/README.md, "Loading and running a TRT engine containing an AOT plugin").
+    plugin = {"id": entry.custom_op, "module": PLUGIN_MODULE, "impl": "aot"} if entry.custom_op else None
     kv = entry.kv_cache.to_dict() if entry.kv_cache.past else None
     return EngineEntry(name, file, M.sha256(ctx.out / file), entry.file, plan.precision, entry.inputs, entry.outputs,
                        profiles, plugin, kv), cache
@@ -245,8 +251,7 @@ def build_stage(trt: ModuleType, logger: Any, name: str, onnx_path: Path, plan: 
                 cache: bytes, version_compatible: bool) -> tuple[bytes, bytes]:
     """(serialized engine, updated timing cache) of one stage; BuildError naming the stage on failure."""
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt, plan))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from the file: external weights resolve next to it
         raise BuildError(f"stage {name}: TensorRT's ONNX parser rejected {onnx_path.name}: " + "; ".join(_parser_errors(parser)))
@@ -264,6 +269,19 @@ def build_stage(trt: ModuleType, logger: Any, name: str, onnx_path: Path, plan: 
         raise BuildError(f"stage {name}: TensorRT built no engine: " + "; ".join(logger.errors or ["no error was logged"]))
     del calibrator
     return bytes(memoryview(serialized)), bytes(memoryview(timing.serialize()))
+
+
+def network_flags(trt: ModuleType, plan: StagePlan) -> int:
+    """STRONGLY_TYPED where TensorRT < 11 reads it; PREFER_AOT_PYTHON_PLUGINS where it exists (>= 10.9).
+    The plugin node's own `aot` attribute already decides (it overrides the flags); the flag covers
+    nodes written without it."""
+    F = trt.NetworkDefinitionCreationFlag
+    flags = 0
+    if plan.strongly_typed and version_tuple(trt.__version__)[0] < 11:
+        flags |= 1 << int(F.STRONGLY_TYPED)
+    if hasattr(F, "PREFER_AOT_PYTHON_PLUGINS"):
+        flags |= 1 << int(F.PREFER_AOT_PYTHON_PLUGINS)
+    return flags
 
 
 def _parser_errors(parser: Any) -> list[str]:
@@ -345,28 +363,11 @@ def autocast_fp16(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _plugin_available() -> bool:
-    """tensorrt.plugin (TensorRT >= 10.7; not in tensorrt-lean) and Triton (the plugin's kernels)."""
+def _plugin_available(trt_version: str) -> bool:
+    """The Python AOT plugin can be built here: TensorRT >= 10.9 with tensorrt.plugin (not in
+    tensorrt-lean), and Triton (the plugin's kernels)."""
+    if version_tuple(trt_version)[:2] < TRT_PYTHON_PLUGIN_MIN:
+        return False
     with contextlib.suppress(ImportError, ValueError):
         return importlib.util.find_spec("tensorrt.plugin") is not None and importlib.util.find_spec("triton") is not None
     return False
-
-
-def _logger(trt: ModuleType) -> Any:
-    """A TensorRT logger into `logging` that keeps the errors, so a failed build can quote them."""
-    S = trt.ILogger.Severity
-    levels = {S.INTERNAL_ERROR: logging.CRITICAL, S.ERROR: logging.ERROR, S.WARNING: logging.WARNING,
-              S.INFO: logging.INFO, S.VERBOSE: logging.DEBUG}
-
-    class Collecting(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            level = levels.get(severity, logging.INFO)
-            if level >= logging.ERROR:
-                self.errors.append(msg)
-            log.log(level, "TensorRT: %s", msg)
-
-    return Collecting()

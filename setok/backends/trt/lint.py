@@ -291,7 +291,13 @@ RESTRICTIONS: dict[str, tuple[Callable[[onnx.NodeProto, Graph, Report], None], .
 
 # ---- plugins ------------------------------------------------------------------------------------
 DPC_ATTRS = {"k": onnx.AttributeProto.INT, "tau": onnx.AttributeProto.FLOAT, "min_tokens": onnx.AttributeProto.INT,
-             "max_tokens": onnx.AttributeProto.INT, "plugin_namespace": onnx.AttributeProto.STRING}
+             "max_tokens": onnx.AttributeProto.INT}  # the plugin creator's fields (register's attributes)
+# What TensorRT's ONNX parser itself reads off a plugin node (onnx-tensorrt onnxOpImporters.cpp,
+# FallbackPluginImporter: plugin_version default "1", plugin_namespace default ""; importerUtils.cpp,
+# createPlugin: `aot` read as an int). Required here: plugin_namespace (our creator is not in "").
+PARSER_ATTRS = {"plugin_namespace": onnx.AttributeProto.STRING, "plugin_version": onnx.AttributeProto.STRING,
+                "aot": onnx.AttributeProto.INT}
+PARSER_DEFAULTS = {"plugin_version": "1"}
 
 
 def _check_plugin(node: onnx.NodeProto, plugin_ops: set[str], report: Report) -> None:
@@ -303,14 +309,15 @@ def _check_plugin(node: onnx.NodeProto, plugin_ops: set[str], report: Report) ->
 
 
 def _check_dpc(node: onnx.NodeProto, report: Report) -> None:
-    """The plugin creator reads exactly these fields; a missing or mistyped one fails at engine build."""
+    """The creator's fields (a missing or mistyped one fails at engine build) and the parser's attributes."""
     attrs = {a.name: a for a in node.attribute}
-    for key, kind in DPC_ATTRS.items():
+    for key, kind in {**DPC_ATTRS, **PARSER_ATTRS}.items():
         if key not in attrs:
-            report(node, "error", f"{DPC_PLUGIN} is missing attribute {key!r}")
+            if key in DPC_ATTRS or key == "plugin_namespace":
+                report(node, "error", f"{DPC_PLUGIN} is missing attribute {key!r}")
         elif attrs[key].type != kind:
             report(node, "error", f"{DPC_PLUGIN} attribute {key!r} must be {onnx.AttributeProto.AttributeType.Name(kind)}")
-    for key in sorted(set(attrs) - set(DPC_ATTRS)):
+    for key in sorted(set(attrs) - set(DPC_ATTRS) - set(PARSER_ATTRS)):
         report(node, "error", f"{DPC_PLUGIN} has unknown attribute {key!r}")
     if any(k not in attrs or attrs[k].type != kind for k, kind in DPC_ATTRS.items()):
         return  # the values below cannot be read
@@ -319,16 +326,37 @@ def _check_dpc(node: onnx.NodeProto, report: Report) -> None:
         report(node, "error", f"{DPC_PLUGIN} k={k}; need k >= 1")
     if not 1 <= lo <= hi:
         report(node, "error", f"{DPC_PLUGIN} min_tokens={lo}, max_tokens={hi}; need 1 <= min_tokens <= max_tokens")
-    if not attrs["plugin_namespace"].s:
-        report(node, "error", f"{DPC_PLUGIN} plugin_namespace is empty")
+    _check_parser_values(node, attrs, report)
+
+
+def _check_parser_values(node: onnx.NodeProto, attrs: dict, report: Report) -> None:
+    """The parser looks the creator up by (op_type, plugin_version, plugin_namespace); `aot` picks the impl."""
+    def value(key: str) -> str | int | None:
+        a = attrs.get(key)
+        if a is None or a.type != PARSER_ATTRS[key]:
+            return PARSER_DEFAULTS.get(key)
+        return a.s.decode() if a.type == onnx.AttributeProto.STRING else a.i
+
+    if value("plugin_namespace") not in (None, CLUSTER_OP.domain):
+        report(node, "error", f"{DPC_PLUGIN} plugin_namespace={value('plugin_namespace')!r}; the creator is "
+                              f"registered in {CLUSTER_OP.domain!r}")
+    if value("plugin_version") != str(CLUSTER_OP.version):
+        report(node, "error", f"{DPC_PLUGIN} plugin_version={value('plugin_version')!r}; the creator is "
+                              f"version {CLUSTER_OP.version!r}")
+    aot = value("aot")
+    if aot is None:
+        report(node, "warning", f"{DPC_PLUGIN} has no 'aot' attribute: TensorRT refuses a plugin with both AOT and "
+                                "JIT implementations unless the network sets PREFER_AOT/JIT_PYTHON_PLUGINS")
+    elif aot not in (0, 1):
+        report(node, "error", f"{DPC_PLUGIN} aot={aot}; expected 0 (JIT) or 1 (AOT)")
 
 
 # ---- INT64 and data-dependent shapes ------------------------------------------------------------------
 def _check_int64(g: Graph, report: Report) -> None:
     """TensorRT 10 runs INT64, but big INT64 tensors cost twice INT32's memory and bandwidth."""
     for name, t in g.info.items():
-        if t.tensor_type.elem_type != TensorProto.INT64 or name in g.const:
-            continue
+        if t.tensor_type.elem_type != TensorProto.INT64 or name in g.const or name not in g.consumed:
+            continue  # (an output nothing reads, such as TopK's indices beside its values, is never kept)
         dims = g.dims(name) or []
         known = int(np.prod([d for d in dims if isinstance(d, int)] or [1]))
         # Dim 0 is the batch in every stage; two more dynamic dims mean an N x N-like INT64 tensor.
@@ -391,10 +419,25 @@ def lint_bundle(bundle: Path, target: str = "tensorrt", trt_version: str = "10.8
         opset = max((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), default=None)
         if opset is not None and opset != st.opset:
             stage_findings.append(Finding(st.name, "", "", "warning", f"manifest says opset {st.opset}, the model imports {opset}"))
+        stage_findings += _plugin_version_note(st, trt_version)
         log.info("lint %s: %d findings, %d errors", st.name, len(stage_findings),
                  sum(f.severity == "error" for f in stage_findings))
         findings += stage_findings
     return findings
+
+
+def _plugin_version_note(st, trt_version: str) -> list[Finding]:
+    """A plugin-form stage cannot be built by a TensorRT without Python AOT plugins (JetPack 6's 10.3)."""
+    from setok.plugins.versions import TRT_PYTHON_PLUGIN_MIN, dotted, version_tuple
+
+    try:
+        older = version_tuple(trt_version)[:2] < TRT_PYTHON_PLUGIN_MIN
+    except ValueError:
+        raise InputError(f"--trt-version {trt_version!r} is not a version; expected e.g. 10.3 or 10.13") from None
+    if not st.custom_op or not older:
+        return []
+    return [Finding(st.name, "", "", "warning", f"TensorRT {trt_version} has no Python AOT plugins (needs >= "
+                    f"{dotted(TRT_PYTHON_PLUGIN_MIN)}): `setok build` takes the standard-op form of {st.serves} there")]
 
 
 def _version_note(table: dict, trt_version: str) -> list[Finding]:

@@ -61,8 +61,10 @@ class Limits:
         from setok.config import SetokimConfig  # torch-free
 
         cfg = SetokimConfig.from_dict(manifest.config)
+        # The context the bundle was exported for (an HF LLM's own, capped by `export --max-context`).
+        context = manifest.text.get("max_positions", manifest.config["llm"]["max_position_embeddings"])
         return cls(max_batch=max_batch, num_patches=cfg.encoder.num_patches, max_tokens=cfg.max_tokens,
-                   max_sequence=int(manifest.config["llm"]["max_position_embeddings"]))
+                   max_sequence=int(context))
 
 
 def symbol_ranges(limits: Limits, kv_cache: bool) -> list[tuple[str, dict[str, DimRange]]]:

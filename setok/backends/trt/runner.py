@@ -64,6 +64,39 @@ def cuda_call(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else (tuple(values) if values else None)
 
 
+_LOGGER: Any = None
+
+
+def trt_logger() -> Any:
+    """The process's one TensorRT logger (builds and runtimes share it: TensorRT keeps the first logger
+    it is given and warns when another appears), routed into `logging`; it keeps the errors so a
+    failed build can quote them."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = _collecting_logger(tensorrt())
+    return _LOGGER
+
+
+def _collecting_logger(trt: ModuleType) -> Any:
+    S = trt.ILogger.Severity
+    levels = {S.INTERNAL_ERROR: logging.CRITICAL, S.ERROR: logging.ERROR, S.WARNING: logging.WARNING,
+              S.INFO: logging.INFO, S.VERBOSE: logging.DEBUG}
+
+    class Collecting(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            level = levels.get(severity, logging.INFO)
+            if level >= logging.ERROR:
+                self.errors.append(msg)
+            if log.isEnabledFor(level):
+                log.log(level, "TensorRT: %s", msg)
+
+    return Collecting()
+
+
 def device_info(device: int | None = None) -> tuple[str, tuple[int, int]]:
     """(GPU name, compute capability) of the current (or given) CUDA device."""
     rt = cudart()
@@ -102,8 +135,7 @@ class TrtBackend(StageIO):
         super().__init__(entry.stage, entry.inputs, entry.outputs)
         self.entry = entry
         _load_plugin(entry)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = trt.Runtime(trt_logger())
         if version_compatible:
             # A version-compatible plan embeds a lean runtime (host code): TensorRT refuses it unless
             # allowed. We only load plans listed, with their sha256, in engines.json.
@@ -297,8 +329,10 @@ class TrtDecoder:
 
 
 def _load_plugin(entry: EngineEntry) -> None:
-    """Register the plugin an engine needs before deserializing it (TensorRT looks creators up then)."""
-    if not entry.plugin:
+    """Register the plugin an engine needs before deserializing it (TensorRT looks creators up then).
+    An AOT plugin's PTX is inside the engine and needs nothing (NVIDIA/TensorRT
+    samples/python/quickly_deployable_plugins/README.md): such engines run without tensorrt.plugin."""
+    if not entry.plugin or entry.plugin.get("impl") == "aot":
         return
     if entry.plugin.get("module"):
         importlib.import_module(entry.plugin["module"]).register_plugin()

@@ -412,16 +412,17 @@ def _fake_trt(io, context=_FakeContext):
         def deserialize_cuda_engine(self, data):
             return Engine()
 
-    class Logger:
-        WARNING = 2
+    class ILogger:
+        class Severity:
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
 
-        def __init__(self, level):
+        def __init__(self):
             pass
 
     class TensorIOMode:
         INPUT, OUTPUT = "in", "out"
 
-    return types.SimpleNamespace(Runtime=Runtime, Logger=Logger, TensorIOMode=TensorIOMode, nptype=np.dtype,
+    return types.SimpleNamespace(Runtime=Runtime, ILogger=ILogger, TensorIOMode=TensorIOMode, nptype=np.dtype,
                                  __version__="10.8.0.43")
 
 
@@ -432,6 +433,7 @@ def fake_backend(tmp_path, monkeypatch):
     rt = _FakeCudart()
     io = {"x": ("in", "float32"), "y": ("out", "float32"), "n": ("out", "int64")}
     monkeypatch.setattr(T, "tensorrt", lambda: _fake_trt(io))
+    monkeypatch.setattr(T, "_LOGGER", None)
     monkeypatch.setattr(T, "cudart", lambda: rt)
     ins, outs = [TensorSpec("x", "float32", ["tokens", 32])], [TensorSpec("y", "float32", ["tokens", 32]),
                                                               TensorSpec("n", "int64", ["tokens"])]
@@ -517,6 +519,7 @@ def test_trt_decoder_keeps_the_cache_on_the_device_and_matches_onnxruntime(tiny_
     _OrtAsEngineContext.session = ort.InferenceSession(str(tiny_bundle / llm.file), providers=["CPUExecutionProvider"])
     io = {s.name: ("in", s.dtype) for s in llm.inputs} | {s.name: ("out", s.dtype) for s in llm.outputs}
     monkeypatch.setattr(T, "tensorrt", lambda: _fake_trt(io, _OrtAsEngineContext))
+    monkeypatch.setattr(T, "_LOGGER", None)
     monkeypatch.setattr(T, "cudart", lambda: rt)
     entry = EngineEntry("llm", "llm.engine", "", llm.file, "fp32", llm.inputs, llm.outputs,
                         stage_profiles(llm.inputs, limits, "llm"))
