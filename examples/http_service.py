@@ -1,5 +1,9 @@
 """A minimal HTTP service over the runtime (standard library only, one thread per request).
 
+For serving, use `setok serve BUNDLE` (pip install 'setok[serve]'): an OpenAI-compatible API
+with batching, admission control, auth and metrics (README, "Serving"). This file shows how
+little the runtime needs when a dependency-free endpoint is all you want.
+
     python examples/http_service.py BUNDLE [--port 8008]
     curl -s localhost:8008/answer -H 'Content-Type: application/json' \\
          -d '{"image": "'"$(base64 -w0 scene.png)"'", "question": "how many objects are there"}'

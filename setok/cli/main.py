@@ -303,13 +303,40 @@ def build(bundle: Path, out: Path, precision: str, max_batch: int, timing_cache:
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--bundle", type=click.Path(path_type=Path), default=None, help="With an engines directory: its source bundle.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--stage-backend", type=click.Choice(["onnxruntime", "python"]), default="onnxruntime", show_default=True,
+              help="python: each stage runs ONNX Runtime inside Triton's Python backend (a server without "
+                   "the onnxruntime backend, such as PyPI's nvidia-pytriton).")
+@click.option("--python-env", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="A venv every Python-backend model runs in (EXECUTION_ENV_PATH).")
 @user_errors
-def export_triton_(source: Path, out: Path, device: str, bundle: Path | None, max_new_tokens: int) -> None:
+def export_triton_(source: Path, out: Path, device: str, bundle: Path | None, max_new_tokens: int, stage_backend: str,
+                   python_env: Path | None) -> None:
     """Write a Triton Inference Server model repository: one model per stage + a Python-backend pipeline."""
     from setok.serve import export_triton
 
-    export_triton(source, out, device=device, max_new_tokens=max_new_tokens, bundle=bundle)
+    export_triton(source, out, device=device, max_new_tokens=max_new_tokens, bundle=bundle,
+                  stage_backend=stage_backend, python_env=python_env)
     click.echo(f"model repository written to {out}")
+
+
+@main.command("serve")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-concurrency", type=click.IntRange(1), default=64, show_default=True,
+              help="Requests in flight at once; the next one gets 429 with Retry-After.")
+@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
+              help="Concurrent greedy answers batched into one run (1: no batching).")
+@click.option("--api-key", envvar="SETOK_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 routes (or set SETOK_API_KEY).")
+@user_errors
+def serve_(bundle: Path, host: str, port: int, max_concurrency: int, max_batch: int, api_key: str | None) -> None:
+    """Serve a bundle over an OpenAI-compatible HTTP API (needs the `serve` extra)."""
+    from setok.serve.server import ServeOptions, serve
+
+    click.echo(f"serving {bundle} on http://{host}:{port} (Ctrl-C: stop after the requests in flight)", err=True)
+    serve(bundle, ServeOptions(host=host, port=port, max_concurrency=max_concurrency, max_batch=max_batch,
+                               api_key=api_key))
 
 
 @main.group()
@@ -322,6 +349,9 @@ def plugin() -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--max-patches", type=click.IntRange(1), default=1024, show_default=True, help="Largest N the AOT kernel serves.")
 @click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--ptx-version", default=None,
+              help="PTX ISA of the files (e.g. 8.5); default per --arch: sm_87 -> 8.5 (JetPack 6, CUDA 12.6), "
+                   "others -> the installed CUDA runtime's.")
 @user_errors
 def plugin_compile(arch: str, out: Path, max_patches: int, max_tokens: int, ptx_version: str | None) -> None:
     """Compile the kernels to PTX (and cubin) without a GPU; list kernels and launch parameters."""
@@ -332,17 +362,6 @@ def plugin_compile(arch: str, out: Path, max_patches: int, max_tokens: int, ptx_
     click.echo(json.dumps(result, indent=2))
 
 
-def _checkpoint(path: Path) -> Path:
-    if not path.exists():
-        raise SetokError(f"{path}: no such checkpoint directory; expected one written by `setok train`")
-    return path
-
-
-if __name__ == "__main__":
-    main()
-@click.option("--ptx-version", default=None,
-              help="PTX ISA of the files (e.g. 8.5); default per --arch: sm_87 -> 8.5 (JetPack 6, CUDA 12.6), "
-                   "others -> the installed CUDA runtime's.")
 @main.command("gpu-check")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("gpu-check"), show_default=True,
               help="Folder for gpu_check.json.")
@@ -361,3 +380,11 @@ def gpu_check(out: Path, dry_run: bool, only: str | None) -> None:
         sys.exit(1)
 
 
+def _checkpoint(path: Path) -> Path:
+    if not path.exists():
+        raise SetokError(f"{path}: no such checkpoint directory; expected one written by `setok train`")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -60,7 +60,7 @@ class ServedStage:
     precision: str
     inputs: list[M.TensorSpec]
     outputs: list[M.TensorSpec]
-    platform: str  # "onnxruntime_onnx" or "tensorrt_plan"
+    platform: str  # "onnxruntime_onnx", "tensorrt_plan", or "python" (ONNX Runtime inside the Python backend)
     kind: str  # KIND_CPU / KIND_GPU
     file: Path
 
@@ -69,11 +69,13 @@ class ServedStage:
         return PLATFORM_FILES[self.platform]
 
 
-PLATFORM_FILES = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
+PLATFORM_FILES = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan", "python": "model.onnx"}
+STAGE_BACKENDS = {"onnxruntime": "onnxruntime_onnx", "python": "python"}
 
 
 def export_triton(bundle_or_engines: str | Path, out: str | Path, device: str = "cpu",
-                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, bundle: str | Path | None = None) -> Path:
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, bundle: str | Path | None = None,
+                  stage_backend: str = "onnxruntime", python_env: str | Path | None = None) -> Path:
     """Write a Triton model repository to `out` (atomically) and return `out`.
 
     `bundle_or_engines` is a bundle (every stage served as ONNX by the onnxruntime backend) or an
@@ -81,24 +83,34 @@ def export_triton(bundle_or_engines: str | Path, out: str | Path, device: str = 
     must then name the bundle it was built from, which supplies the tokenizer, the embeddings and
     any stage without a servable engine). `device` ("cpu"/"gpu") is the instance kind of the ONNX
     stages; the Python pipeline model always runs on CPU (it only orchestrates).
+
+    `stage_backend="python"` serves each ONNX stage through a Python-backend model running ONNX
+    Runtime (`setok/serve/ort_stage.py`), for a tritonserver with the Python backend only (PyPI's
+    nvidia-pytriton). `python_env` (a directory with bin/activate, e.g. a venv) becomes every
+    Python model's EXECUTION_ENV_PATH: that build's stub needs numpy < 2 (see README, Serving).
     """
     src, out = Path(bundle_or_engines), Path(out)
     if device not in KINDS:
         raise InputError(f"device={device!r}; expected one of {sorted(KINDS)}")
     if not 1 <= max_new_tokens <= 4096:
         raise InputError(f"max_new_tokens={max_new_tokens}; expected 1..4096")
+    if stage_backend not in STAGE_BACKENDS:
+        raise InputError(f"stage_backend={stage_backend!r}; expected one of {sorted(STAGE_BACKENDS)}")
+    if python_env is not None and not (Path(python_env) / "bin" / "activate").is_file():
+        raise InputError(f"python_env={python_env}: no bin/activate; expected a venv or an unpacked conda env")
     is_engines = (src / ENGINES_MANIFEST).is_file()
     bundle_dir = _bundle_dir(src, bundle, is_engines)
     manifest = M.load_manifest(bundle_dir)  # verifies every file's sha256 before anything is copied
     _check_pipeline_stages(manifest)
     skipped = skipped_stages(manifest)
     engines = _engine_stages(src, bundle_dir, skipped) if is_engines else {}
-    stages = [engines.get(e.name) or _onnx_stage(bundle_dir, e, KINDS[device])
+    stages = [engines.get(e.name) or _onnx_stage(bundle_dir, e, KINDS[device], STAGE_BACKENDS[stage_backend])
               for e in manifest.stages if e.name not in skipped]
     with atomic_dir(out) as tmp:
+        env = None if python_env is None else str(Path(python_env).resolve())
         for stage in stages:
-            _write_stage(tmp, stage)
-        _write_pipeline_model(bundle_dir, tmp, manifest, max_new_tokens)
+            _write_stage(tmp, stage, env)
+        _write_pipeline_model(bundle_dir, tmp, manifest, max_new_tokens, env)
         (tmp / "README.md").write_text(repo_readme(manifest, stages, skipped))
     log.info("triton: wrote model repository %s (%s)", out, ", ".join(f"{s.name}:{s.platform}" for s in stages))
     return out
@@ -156,35 +168,27 @@ def _check_pipeline_stages(manifest: M.Manifest) -> None:
 
 
 # ---- stage models -------------------------------------------------------------------------------
-def _onnx_stage(bundle: Path, entry: M.StageEntry, kind: str) -> ServedStage:
-    return ServedStage(entry.name, entry.precision, entry.inputs, entry.outputs, "onnxruntime_onnx", kind,
+def _onnx_stage(bundle: Path, entry: M.StageEntry, kind: str, platform: str = "onnxruntime_onnx") -> ServedStage:
+    return ServedStage(entry.name, entry.precision, entry.inputs, entry.outputs, platform, kind,
                        M.inside(bundle, entry.file))
 
 
-def _write_stage(repo: Path, stage: ServedStage) -> None:
+def _write_stage(repo: Path, stage: ServedStage, python_env: str | None = None) -> None:
+    from setok.serve import ort_stage
+
     model_dir = repo / stage.name
     version = model_dir / VERSION
     version.mkdir(parents=True)
     shutil.copyfile(stage.file, version / stage.filename)
-    if stage.platform == "onnxruntime_onnx":
-        for rel in external_data_files(stage.file):
+    if stage.platform == "python":
+        shutil.copyfile(Path(ort_stage.__file__), version / "model.py")
+    if stage.filename == "model.onnx":
+        for rel in M.external_data(stage.file):
             # External weights are found relative to the model file, so they keep their names.
             target = version / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(M.inside(stage.file.parent, rel), target)
-    (model_dir / "config.pbtxt").write_text(stage_config(stage))
-
-
-def external_data_files(onnx_path: Path) -> list[str]:
-    """Relative paths of the external-data files an ONNX model references (none for small models)."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
-    locations = {e.value for t in tensors if uses_external_data(t) for e in t.external_data if e.key == "location"}
-    return sorted(locations)
+    (model_dir / "config.pbtxt").write_text(stage_config(stage, python_env if stage.platform == "python" else None))
 
 
 def is_batchable(tensors: list[M.TensorSpec]) -> bool:
@@ -193,7 +197,7 @@ def is_batchable(tensors: list[M.TensorSpec]) -> bool:
                for t in tensors)
 
 
-def stage_config(stage: ServedStage) -> str:
+def stage_config(stage: ServedStage, python_env: str | None = None) -> str:
     batchable = is_batchable(stage.inputs + stage.outputs)
     note = BATCHING_NOTE.format(batching=BATCHABLE if batchable else NOT_BATCHABLE)
     lines = textwrap.wrap(note, 96) + (["  " + BATCHING_SNIPPET] if batchable else [])
@@ -201,12 +205,17 @@ def stage_config(stage: ServedStage) -> str:
         f"# setok stage {stage.name!r} ({stage.precision}), generated by setok.serve.triton",
         *("# " + line for line in lines),
         f'name: "{stage.name}"',
-        f'platform: "{stage.platform}"',
+        'backend: "python"' if stage.platform == "python" else f'platform: "{stage.platform}"',
         "max_batch_size: 0",
         _tensors("input", [(t.name, _triton_dtype(stage.name, t), _dims(t.shape)) for t in stage.inputs]),
         _tensors("output", [(t.name, _triton_dtype(stage.name, t), _dims(t.shape)) for t in stage.outputs]),
         _instance_group(stage.kind),
+        *([_env_parameter(python_env)] if python_env else []),
     ]) + "\n"
+
+
+def _env_parameter(python_env: str) -> str:
+    return f'parameters {{\n  key: "EXECUTION_ENV_PATH"\n  value {{ string_value: "{python_env}" }}\n}}'
 
 
 def _triton_dtype(stage: str, spec: M.TensorSpec) -> str:
@@ -233,7 +242,7 @@ def _instance_group(kind: str) -> str:
 
 
 # ---- the Python-backend pipeline model ----------------------------------------------------------
-def pipeline_config(max_new_tokens: int) -> str:
+def pipeline_config(max_new_tokens: int, python_env: str | None = None) -> str:
     return "\n".join([
         "# setok_pipeline: image + question -> answer; chains the stage models through BLS (1/model.py).",
         "# One request is one image; max_batch_size 0 because the pipeline is per image (the token",
@@ -245,6 +254,7 @@ def pipeline_config(max_new_tokens: int) -> str:
         _tensors("output", [("TEXT", "TYPE_STRING", [1]), ("NUM_TOKENS", "TYPE_INT64", [1])]),
         _instance_group(KINDS["cpu"]),  # it orchestrates only; the stages run where their configs say
         f'parameters {{\n  key: "max_new_tokens"\n  value {{ string_value: "{max_new_tokens}" }}\n}}',
+        *([_env_parameter(python_env)] if python_env else []),
     ]) + "\n"
 
 
@@ -263,7 +273,8 @@ def pipeline_settings(manifest: M.Manifest) -> dict:
     }
 
 
-def _write_pipeline_model(src: Path, repo: Path, manifest: M.Manifest, max_new_tokens: int) -> None:
+def _write_pipeline_model(src: Path, repo: Path, manifest: M.Manifest, max_new_tokens: int,
+                          python_env: str | None = None) -> None:
     from setok.serve import model_py
 
     version = repo / PIPELINE_MODEL / VERSION
@@ -272,7 +283,7 @@ def _write_pipeline_model(src: Path, repo: Path, manifest: M.Manifest, max_new_t
     shutil.copyfile(M.inside(src, manifest.files["tokenizer"]["file"]), version / model_py.TOKENIZER_FILE)
     shutil.copyfile(M.inside(src, manifest.files["embeddings"]["file"]), version / model_py.EMBEDDINGS_FILE)
     (version / SETTINGS_FILE).write_text(json.dumps(pipeline_settings(manifest), indent=2) + "\n")
-    (repo / PIPELINE_MODEL / "config.pbtxt").write_text(pipeline_config(max_new_tokens))
+    (repo / PIPELINE_MODEL / "config.pbtxt").write_text(pipeline_config(max_new_tokens, python_env))
 
 
 def repo_readme(manifest: M.Manifest, stages: list[ServedStage], skipped: dict[str, str]) -> str:

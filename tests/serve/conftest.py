@@ -1,0 +1,34 @@
+"""Fixtures for the HTTP server tests: the shipped small checkpoint exported once (its answers
+differ between scenes, the barely trained tiny model's do not) and `setok serve` processes on
+loopback."""
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import setok
+
+SMALL_CKPT = Path(setok.__file__).parent / "checkpoints" / "small"
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tmp_path_factory) -> Path:
+    from setok.export.onnx import export_bundle
+
+    return export_bundle(SMALL_CKPT, tmp_path_factory.mktemp("serve") / "small")
+
+
+@contextmanager
+def running(bundle: Path, *flags: str):
+    """A started and warmed `setok serve` subprocess: yields its port; SIGTERM at the end."""
+    from setok.serve.bench import free_port, start_server, stop_server, wait_ready
+
+    port = free_port()
+    proc = start_server(bundle, port, *flags)
+    try:
+        wait_ready(port, proc)
+        yield port, proc
+    finally:
+        stop_server(proc)
