@@ -1,11 +1,14 @@
 """Load a `setok serve` process on loopback and measure it: requests/s and latency percentiles at
 several numbers of concurrent clients, for one or more --max-batch settings. Prints JSON.
 
-    python -m setok.serve.bench BUNDLE [--clients 1,4,16] [--requests 200] [--max-batch 1,8] [--json out.json]
+    python -m setok.serve.bench BUNDLE [--clients 1,4,16] [--requests 200] [--max-batch 1,8] [--triton] [--json out.json]
 
 Each client is a thread with its own keep-alive HTTP connection (the standard library's
 http.client) sending OpenAI chat completions with `--images` distinct synthetic scenes in turn.
-Only 127.0.0.1 is ever contacted.
+With --triton the same images and question also go, at the same client counts, to the bundle's
+Triton model repository (`setok_pipeline`) on PyPI's nvidia-pytriton `tritonserver`, from the
+Triton venv (see tests/serve/test_triton_live.py) through triton_load.py; every Triton answer must
+equal the `setok serve` answer for its image. Only 127.0.0.1 is ever contacted.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -32,6 +37,8 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 QUESTION = "how many objects are there"
+MAX_TOKENS = 8
+TRITON_VENV = Path(os.environ.get("SETOK_TRITON_VENV", Path.home() / ".cache" / "setok" / "triton-venv"))
 
 
 def free_port() -> int:
@@ -90,7 +97,7 @@ def data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def chat_body(model: str, image_url: str, question: str = QUESTION, max_tokens: int = 8, **extra) -> dict:
+def chat_body(model: str, image_url: str, question: str = QUESTION, max_tokens: int = MAX_TOKENS, **extra) -> dict:
     content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": image_url}}]
     return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **extra}
 
@@ -157,13 +164,15 @@ def batch_sizes(port: int) -> dict:
     return {"batches": int(count), "mean_batch": round(values.get("setok_batch_size_sum", 0) / count, 2) if count else None}
 
 
-def bench(bundle: Path, clients: Sequence[int], requests: int, max_batches: Sequence[int], images: int = 16) -> dict:
+def bench(bundle: Path, clients: Sequence[int], requests: int, max_batches: Sequence[int], images: int = 16,
+          triton: bool = False) -> dict:
     from setok.serve.server import model_name
 
     model = model_name(bundle)
-    urls = [data_url(im) for im in scenes(images)]
+    pictures = scenes(images)
+    urls = [data_url(im) for im in pictures]
     bodies = [chat_body(model, urls[i % len(urls)]) for i in range(requests)]
-    runs = []
+    runs, expected = [], {}  # expected: image index -> the `setok serve` answer
     for mb in max_batches:
         port = free_port()
         proc = start_server(bundle, port, "--max-batch", str(mb), "--max-concurrency", str(max(clients) * 2))
@@ -175,13 +184,89 @@ def bench(bundle: Path, clients: Sequence[int], requests: int, max_batches: Sequ
                 r = load(port, bodies, c)
                 after = batch_sizes(port)
                 n = after["batches"] - before["batches"]
-                r.pop("answers")
-                runs.append({"max_batch": mb, **r, "batches": n,
+                for i, a in enumerate(r.pop("answers")):
+                    if a is not None and expected.setdefault(i % images, a) != a:
+                        log.warning("setok serve answered image %d with %r, earlier %r", i % images, a, expected[i % images])
+                runs.append({"path": "setok serve", "max_batch": mb, **r, "batches": n,
                              "mean_batch": round(requests / n, 2) if n else None})
         finally:
             stop_server(proc)
-    return {"bundle": str(bundle), "model": model, "cpu_count": os.cpu_count(), "max_new_tokens": 8,
+    if triton:
+        runs += bench_triton(bundle, pictures, clients, requests, expected)
+    return {"bundle": str(bundle), "model": model, "cpu_count": os.cpu_count(), "max_new_tokens": MAX_TOKENS,
             "distinct_images": images, "runs": runs}
+
+
+def triton_root(python: Path) -> Path:
+    """The nvidia-pytriton wheel's server directory, with its Python-backend stub where the backend looks."""
+    code = "import pytriton, os, sys; print(os.path.dirname(pytriton.__file__)); print('%d.%d' % sys.version_info[:2])"
+    found, version = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True,
+                                    timeout=60).stdout.split()
+    root = Path(found) / "tritonserver"
+    stub = root / "backends" / "python" / "triton_python_backend_stub"
+    if not stub.is_file():
+        shutil.copy2(root / "python_backend_stubs" / version / stub.name, stub)
+    return root
+
+
+def bench_triton(bundle: Path, images: list[np.ndarray], clients: Sequence[int], requests: int, expected: dict,
+                 venv: Path = TRITON_VENV, timeout: float = 180.0) -> list[dict]:
+    """Rows {path: "triton", ...} measured by triton_load.py under the venv's python."""
+    from setok.serve import export_triton
+
+    python = venv / "bin" / "python"
+    if not (venv / "ok").is_file():
+        raise FileNotFoundError(f"no Triton venv at {venv}: run tests/serve/test_triton_live.py once to create it")
+    root = triton_root(python)
+    with tempfile.TemporaryDirectory(prefix="setok-bench-triton-") as tmp:
+        work = Path(tmp)
+        repo = export_triton(bundle, work / "repo", max_new_tokens=MAX_TOKENS, stage_backend="python",
+                             python_env=str(venv))
+        np.save(work / "images.npy", np.stack(images))
+        ports = [free_port() for _ in range(3)]
+        # The stub links libpython3.x by name: this interpreter's must win over the distribution's.
+        env = {**os.environ, "LD_LIBRARY_PATH": f"{Path(sys.base_prefix) / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+        cmd = [str(root / "bin" / "tritonserver"), "--model-repository", str(repo), "--backend-directory",
+               str(root / "backends"), "--http-address", HOST, "--grpc-address", HOST, "--http-port", str(ports[0]),
+               "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--allow-metrics", "false",
+               "--exit-timeout-secs", "10"]
+        logpath = Path(os.environ.get("TMPDIR", "/tmp")) / f"setok-tritonserver-{ports[0]}.log"
+        log.info("starting tritonserver on %s:%d (log %s)", HOST, ports[0], logpath)
+        with open(logpath, "wb") as sink:
+            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            due = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"tritonserver exited with {proc.returncode}: "
+                                       f"{logpath.read_text(errors='replace')[-1500:]}")
+                try:
+                    if get(ports[0], "/v2/models/setok_pipeline/ready")[0] == 200:
+                        break
+                except OSError:
+                    pass  # not listening yet
+                if time.monotonic() > due:
+                    raise TimeoutError(f"tritonserver not ready after {timeout} s (log {logpath})")
+                time.sleep(0.5)
+            script = Path(__file__).with_name("triton_load.py")
+            out = subprocess.run([str(python), str(script), str(ports[0]), str(work / "images.npy"), QUESTION,
+                                  "--clients", ",".join(map(str, clients)), "--requests", str(requests)],
+                                 capture_output=True, text=True, timeout=1800, check=False)
+            if out.returncode != 0:
+                raise RuntimeError(f"triton_load.py exited with {out.returncode}: {out.stderr[-2000:]}")
+        finally:
+            log.info("tritonserver stopped: %s", stop_server(proc))
+    log.info("checking Triton answers against %d distinct setok serve answers for %d images",
+             len(set(expected.values())), len(images))
+    rows = []
+    for r in json.loads(out.stdout)["runs"]:
+        answers = r.pop("answers")
+        wrong = [(i, a, expected.get(i % len(images))) for i, a in enumerate(answers)
+                 if a is not None and a != expected.get(i % len(images))]
+        for i, got, want in wrong[:3]:
+            log.error("triton answered request %d (image %d) with %r; setok serve: %r", i, i % len(images), got, want)
+        rows.append({"path": "triton", **r, "mismatches": len(wrong)})
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -190,10 +275,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--clients", default="1,4,16", help="Comma-separated numbers of concurrent clients.")
     ap.add_argument("--requests", type=int, default=200, help="Requests per measurement.")
     ap.add_argument("--max-batch", default="1,8", help="Comma-separated --max-batch settings to compare.")
+    ap.add_argument("--triton", action="store_true", help="Also measure the Triton path (needs the Triton venv).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the result here.")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]
-    result = bench(args.bundle, ints(args.clients), args.requests, ints(args.max_batch))
+    result = bench(args.bundle, ints(args.clients), args.requests, ints(args.max_batch), triton=args.triton)
     text = json.dumps(result, indent=2)
     if args.json:
         args.json.write_text(text + "\n")

@@ -83,7 +83,11 @@ class Graph:
         self.init_types = {t.name: t.data_type for t in g.initializer}
         for n in g.node:
             if n.op_type == "Constant" and n.domain in STANDARD_DOMAINS and n.attribute and n.attribute[0].name == "value":
-                self.values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+                t = n.attribute[0].t  # exporters put large Constants in external data too
+                if uses_external_data(t):
+                    self.weights[n.output[0]] = list(t.dims)
+                else:
+                    self.values[n.output[0]] = numpy_helper.to_array(t)
         self.const = self._fold_constants()
 
     def _fold_constants(self) -> set[str]:

@@ -184,3 +184,26 @@ def test_unsqueeze_axes_from_input(table):
     node = helper.make_node("Unsqueeze", ["x", "axes"], ["y"])
     m = _model([node], [_fvec("x"), _ivec("axes", [1])], [_fvec("y", ["batch", "n", 1])])
     assert any(f.op == "Unsqueeze" and "axes" in f.message for f in _errors(_lint(m, table)))
+
+
+def test_weights_and_constants_in_external_data_are_never_read(tmp_path, table):
+    """Exporters (optimum) put large Constant attributes in external data too: lint reads the
+    graph without its data file, and must not try to open it for them."""
+    import numpy as np
+
+    from onnx import numpy_helper
+
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")  # raw data: what moves to external data
+    c = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((64, 64), np.float32), "cv"))
+    mm = helper.make_node("MatMul", ["x", "w"], ["y0"])
+    add = helper.make_node("Add", ["y0", "c"], ["y"])
+    graph = helper.make_graph([c, mm, add], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(tmp_path / "g.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="g.onnx_data", size_threshold=0, convert_attribute=True)
+    stored = onnx.load(str(tmp_path / "g.onnx"), load_external_data=False)
+    assert onnx.external_data_helper.uses_external_data(stored.graph.node[0].attribute[0].t)
+    (tmp_path / "g.onnx_data").unlink()  # nothing may read it
+    findings = _lint(onnx.load(str(tmp_path / "g.onnx"), load_external_data=False), table)
+    assert not [f for f in findings if f.severity == "error"], [str(f) for f in findings]
