@@ -190,7 +190,6 @@ def test_weights_and_constants_in_external_data_are_never_read(tmp_path, table):
     """Exporters (optimum) put large Constant attributes in external data too: lint reads the
     graph without its data file, and must not try to open it for them."""
     import numpy as np
-
     from onnx import numpy_helper
 
     w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")  # raw data: what moves to external data
