@@ -10,7 +10,7 @@ from types import ModuleType
 from setok.errors import MissingDependency
 
 TENSORRT_HINT = ("tensorrt is needed for the TensorRT path (`setok build`, backend 'tensorrt'): pip install "
-                 "'setok[gpu]' on a machine with an NVIDIA GPU (TensorRT >= 10.8; JetPack 6 ships 10.3)")
+                 "'setok[gpu]' on a machine with an NVIDIA GPU (TensorRT >= 10.3 for standard-op engines, >= 10.9 for the cluster plugin; JetPack 6 ships 10.3)")
 
 
 def require(module: str | tuple[str, ...], hint: str) -> ModuleType:

@@ -273,7 +273,7 @@ def test_build_engines_without_tensorrt_says_how_to_install(tiny_bundle, tmp_pat
         B.build_engines(tiny_bundle, tmp_path / "engines", precision="fp8")
     with pytest.raises(MissingDependency) as e:
         B.build_engines(tiny_bundle, tmp_path / "engines")
-    assert "pip install 'setok[gpu]'" in str(e.value) and "TensorRT >= 10.8" in str(e.value)
+    assert "pip install 'setok[gpu]'" in str(e.value) and "TensorRT >= 10.3" in str(e.value)
     assert not (tmp_path / "engines").exists()
 
 
