@@ -16,14 +16,26 @@ import json
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tritonclient.http as th
+
+if TYPE_CHECKING:  # tritonclient exists only in the Triton venv this script runs in
+    import tritonclient.http as th
 
 MODEL = "setok_pipeline"
 
 
+def _tritonclient():
+    """tritonclient.http, imported where the script runs (the Triton venv), never at import:
+    the package's modules must all import in the main environment, which has no tritonclient."""
+    import tritonclient.http
+
+    return tritonclient.http
+
+
 def infer(client: th.InferenceServerClient, image: np.ndarray, question: str) -> str:
+    th = _tritonclient()
     a = th.InferInput("IMAGE", list(image.shape), "UINT8")
     a.set_data_from_numpy(image)
     q = th.InferInput("QUESTION", [1], "BYTES")
@@ -39,7 +51,7 @@ def load(url: str, images: np.ndarray, question: str, clients: int, requests: in
     lock, nxt = threading.Lock(), iter(range(requests))
 
     def client() -> None:
-        c = th.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+        c = _tritonclient().InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
         try:
             while True:
                 with lock:
