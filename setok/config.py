@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from setok.errors import InputError
@@ -137,6 +138,9 @@ _SUBCONFIGS = {
     "LLMConfig": LLMConfig,
 }
 
+
+# The checkpoint shipped inside the package (`setok demo`'s default, `setok train --preset small`).
+SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "small"
 
 # The presets as a table (litgpt's `configs`): each row overrides SetokimConfig's defaults.
 # `tiny` trains in under a minute (tests); `small` is the shipped one (the defaults).

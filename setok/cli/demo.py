@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from setok.config import SHIPPED_CHECKPOINT
 from setok.errors import InputError
 
 log = logging.getLogger(__name__)
 
-SHIPPED = Path(__file__).parent / "checkpoints" / "small"
+SHIPPED = SHIPPED_CHECKPOINT
 PALETTE = np.random.default_rng(7).integers(40, 255, size=(512, 3)).astype(np.uint8)
 
 

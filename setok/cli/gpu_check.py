@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from setok.config import SHIPPED_CHECKPOINT
 from setok.errors import InputError
 
 log = logging.getLogger(__name__)
 
 BUDGET_S = 480  # the whole run; each check gets what is left
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout (tests/ live beside setok/)
-SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "small"
+SHIPPED = SHIPPED_CHECKPOINT
 SIZES = (256, 729, 1024)
 
 

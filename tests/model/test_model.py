@@ -271,3 +271,15 @@ def test_detokenizer_reach_is_per_token_and_starts_shared():
     bias = det.cross_bias(tokens, torch.tensor([3]))
     assert not torch.allclose(bias[..., 0], bias[..., 1])  # then each token sets its own reach
     assert (bias[..., 0] <= 0).all()  # still a locality prior: never a pull towards far patches
+
+
+def test_the_shipped_checkpoint_is_what_the_demo_runs_and_it_loads(tmp_path):
+    """The package ships `small`: `setok demo` must find it (not fall back to training tiny) and
+    this version must load it."""
+    from setok.cli.demo import default_checkpoint
+    from setok.config import SHIPPED_CHECKPOINT
+
+    said = []
+    assert default_checkpoint(tmp_path, said.append) == SHIPPED_CHECKPOINT and not said
+    model = Setokim.from_pretrained(SHIPPED_CHECKPOINT)
+    assert model.cfg.preset == "small" and model.cfg.merger.shape_code

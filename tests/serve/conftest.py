@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import setok
+from setok.config import SHIPPED_CHECKPOINT
 
-SMALL_CKPT = Path(setok.__file__).parent / "checkpoints" / "small"
+SMALL_CKPT = SHIPPED_CHECKPOINT
 API_KEY = "test-key"
 
 
