@@ -26,10 +26,19 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets normal permissions
     try:
         yield tmp
+        _normal_permissions(tmp, 0o666 & ~umask)
         _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _normal_permissions(root: Path, mode: int) -> None:
+    """Files some writers create private (optimum's external data: 0600) get the umask's mode, so a
+    bundle is as readable as any file its user writes (a server in a container may run as another user)."""
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 def _replace_dir(src: Path, dest: Path) -> None:

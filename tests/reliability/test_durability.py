@@ -55,3 +55,22 @@ def test_sigkill_during_train_leaves_a_loadable_checkpoint(tmp_path):
     _kill_during(["train", "--preset", "tiny", "--steps", "40", "--ckpt-every", "3", "--out", str(out)], 9.0)
     if out.exists():
         Setokim.from_pretrained(out)  # every checkpoint on disk is complete
+
+
+def test_an_artifact_gets_normal_permissions_whatever_its_writers_chose(tmp_path):
+    import os
+    import stat
+
+    from setok.io import atomic_dir
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "bundle") as tmp:
+            fd = os.open(tmp / "llm.onnx_data", os.O_WRONLY | os.O_CREAT, 0o600)  # as optimum writes it
+            os.close(fd)
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "a.json").write_text("{}")
+    finally:
+        os.umask(umask)
+    for f in ("llm.onnx_data", "sub/a.json"):
+        assert stat.S_IMODE((tmp_path / "bundle" / f).stat().st_mode) == 0o644, f
