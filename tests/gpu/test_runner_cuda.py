@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import types
 
 import numpy as np
 import pytest
+from trt_engine_fake import RecordingContext, fake_tensorrt
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("cuda") is None, reason="cuda-python is not installed")]
@@ -31,23 +31,12 @@ def rt():
     return runtime
 
 
-class _OrtOnDevice:
+class _OrtOnDevice(RecordingContext):
     entry = session = rt = None  # set by the test
 
     def __init__(self, io):
-        self.shapes, self.addr, self.profiles, self.executed = {}, {}, [], 0
-
-    def set_optimization_profile_async(self, i, stream):
-        self.profiles.append(i)
-        return True
-
-    def set_input_shape(self, name, shape):
-        self.shapes[name] = tuple(shape)
-        return True
-
-    def set_tensor_address(self, name, ptr):
-        self.addr[name] = int(ptr)
-        return True
+        super().__init__(io)
+        self.executed = 0
 
     def get_tensor_shape(self, name):
         from setok.backends.trt.profiles import resolve_dims, resolve_shape
@@ -78,37 +67,7 @@ class _OrtOnDevice:
 
 
 def _engine_trt(io):
-    class Engine:
-        num_io_tensors = len(io)
-
-        def get_tensor_name(self, i):
-            return list(io)[i]
-
-        def get_tensor_mode(self, name):
-            return io[name][0]
-
-        def get_tensor_dtype(self, name):
-            return io[name][1]
-
-        def create_execution_context(self):
-            return _OrtOnDevice(io)
-
-    class Runtime:
-        def __init__(self, logger):
-            self.engine_host_code_allowed = False
-
-        def deserialize_cuda_engine(self, data):
-            return Engine()
-
-    class ILogger:
-        class Severity:
-            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
-
-        def __init__(self):
-            pass
-
-    return types.SimpleNamespace(Runtime=Runtime, ILogger=ILogger, nptype=np.dtype, __version__="10.9.0",
-                                 TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"))
+    return fake_tensorrt(io, _OrtOnDevice, version="10.9.0")
 
 
 def test_decoder_on_device_memory_matches_onnxruntime(tiny_bundle, rt, tmp_path, monkeypatch):

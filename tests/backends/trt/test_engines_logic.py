@@ -3,11 +3,11 @@
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from trt_engine_fake import RecordingContext, fake_tensorrt
 
 from setok.backends.trt import build as B
 from setok.backends.trt.engines import (
@@ -359,22 +359,7 @@ class _FakeCudart:
         return (_Err(0),)
 
 
-class _FakeContext:
-    def __init__(self, io):
-        self.io, self.shapes, self.addr, self.profiles = io, {}, {}, []
-
-    def set_optimization_profile_async(self, i, stream):
-        self.profiles.append(i)
-        return True
-
-    def set_input_shape(self, name, shape):
-        self.shapes[name] = tuple(shape)
-        return True
-
-    def set_tensor_address(self, name, ptr):
-        self.addr[name] = ptr
-        return True
-
+class _FakeContext(RecordingContext):
     def get_tensor_shape(self, name):
         return self.shapes["x"] if name == "y" else self.shapes["x"][:1]
 
@@ -389,41 +374,7 @@ class _FakeContext:
 
 
 def _fake_trt(io, context=_FakeContext):
-    class Engine:
-        num_io_tensors = len(io)
-
-        def get_tensor_name(self, i):
-            return list(io)[i]
-
-        def get_tensor_mode(self, name):
-            return io[name][0]
-
-        def get_tensor_dtype(self, name):
-            return io[name][1]
-
-        def create_execution_context(self):
-            self.context = context(io)
-            return self.context
-
-    class Runtime:
-        def __init__(self, logger):
-            self.engine_host_code_allowed = False
-
-        def deserialize_cuda_engine(self, data):
-            return Engine()
-
-    class ILogger:
-        class Severity:
-            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
-
-        def __init__(self):
-            pass
-
-    class TensorIOMode:
-        INPUT, OUTPUT = "in", "out"
-
-    return types.SimpleNamespace(Runtime=Runtime, ILogger=ILogger, TensorIOMode=TensorIOMode, nptype=np.dtype,
-                                 __version__="10.8.0.43")
+    return fake_tensorrt(io, context)
 
 
 @pytest.fixture
