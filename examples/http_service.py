@@ -9,8 +9,13 @@ little the runtime needs when a dependency-free endpoint is all you want.
          -d '{"image": "'"$(base64 -w0 scene.png)"'", "question": "how many objects are there"}'
 
 POST /answer {"image": base64 PNG/JPEG, "question": str, "deadline": seconds?}
-  -> {"text", "complete", "num_tokens", "timings_ms"}
-POST /caption {"image": ...} -> the same keys.  GET /health -> {"ok": true}.
+  -> {"text", "complete", "num_tokens", "frame", "boxes", "timings_ms"}
+POST /caption {"image": ...} -> the same keys.
+POST /segment {"image": ..., "expression": str} -> {"box", "centroid", "area", "frame", "boxes", "timings_ms"}
+GET /health -> {"ok": true}.
+Positions are in the posted image's pixels: "boxes" holds each vision token's [x0, y0, x1, y1)
+(x1, y1 exclusive; null for a token the frame does not show), "frame" the mapping to the model's
+square input ({"frame_size": [w, h], "crop_box": [x0, y0, x1, y1], "scale": [sx, sy], "mode"}).
 Bad input answers 400 with {"error": "..."}; the Pipeline is thread-safe, so requests run in parallel.
 """
 
@@ -38,20 +43,27 @@ def make_handler(pipe: Pipeline) -> type[BaseHTTPRequestHandler]:
                 self._send(404, {"error": f"no route {self.path}"})
 
         def do_POST(self) -> None:
-            if self.path not in ("/answer", "/caption"):
-                return self._send(404, {"error": f"no route {self.path}; expected /answer or /caption"})
+            if self.path not in ("/answer", "/caption", "/segment"):
+                return self._send(404, {"error": f"no route {self.path}; expected /answer, /caption or /segment"})
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 image = Image.open(io.BytesIO(base64.b64decode(body["image"], validate=True)))
                 tokens = pipe.tokenize(image)
+                where = {"frame": tokens.frame.to_dict(),
+                         "boxes": [b if b[0] >= 0 else None for b in tokens.boxes.tolist()]}
+                if self.path == "/segment":
+                    m = pipe.segment(tokens, body.get("expression", ""))
+                    return self._send(200, {"box": list(m.box) if m.box else None, "area": m.area,
+                                            "centroid": [round(v, 2) for v in m.centroid] if m.centroid else None,
+                                            **where, "timings_ms": _ms(m.timings)})
                 if self.path == "/answer":
                     out = pipe.answer(tokens, body.get("question", ""), deadline=body.get("deadline"))
                 else:
                     out = pipe.caption(tokens, deadline=body.get("deadline"))
             except (KeyError, ValueError, binascii.Error, OSError, SetokError) as e:
                 return self._send(400, {"error": f"{type(e).__name__}: {e}"})
-            self._send(200, {"text": out.text, "complete": out.complete, "num_tokens": tokens.num_tokens,
-                             "timings_ms": {k: round(v * 1000, 3) for k, v in out.timings.items()}})
+            self._send(200, {"text": out.text, "complete": out.complete, "num_tokens": tokens.num_tokens, **where,
+                             "timings_ms": _ms(out.timings)})
 
         def _send(self, code: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
@@ -67,13 +79,18 @@ def make_handler(pipe: Pipeline) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def _ms(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v * 1000, 3) for k, v in timings.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle")
     ap.add_argument("--port", type=int, default=8008)
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--letterbox", action="store_true", help="pad images to the model's square instead of cropping")
     args = ap.parse_args()
-    pipe = Pipeline.open(args.bundle)
+    pipe = Pipeline.open(args.bundle, letterbox=args.letterbox or None)
     pipe.warmup()
     server = ThreadingHTTPServer((args.host, args.port), make_handler(pipe))
     print(f"serving {args.bundle} on http://{args.host}:{server.server_address[1]}", flush=True)

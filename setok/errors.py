@@ -1,6 +1,8 @@
 """User-facing errors. The CLI prints their message as one line and exits with code 2.
 
-Bugs are not SetokErrors: they keep their traceback.
+`InputError` (a bad frame, text or argument: the caller's mistake this call) and `BundleError`
+(a bad deployment: the bundle on disk is missing files, tampered with or malformed) are separate
+classes; catch `SetokError` for both. Bugs are not SetokErrors: they keep their traceback.
 """
 
 
@@ -22,5 +24,5 @@ class MissingDependency(SetokError):
     """An optional dependency (tensorrt, triton, ...) is needed but not installed."""
 
 
-class BundleError(InputError):
+class BundleError(SetokError):
     """A bundle that is missing files, tampered with, or of an unknown schema."""

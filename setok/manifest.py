@@ -6,8 +6,14 @@ stay inside the bundle; every file's sha256 is recorded and checked on load.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
+import math
+import re
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,17 +229,361 @@ def inside(bundle: Path, rel: str) -> Path:
     return path
 
 
+# ---- checking JSON field by field ---------------------------------------------------------------
+# Every field of manifest.json (and of engines.json, which reuses these specs) is checked on load.
+# A wrong one is one line naming it by its path (`stages.llm.inputs[0].shape`), what it holds and
+# what it should hold, raised as the reader's error; nothing malformed reaches the runtime.
+
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<im_start>", "<im_end>", "<target>")  # text.special_ids the runtime uses
+PROMPT_FIELDS = {"caption": (), "question": ("q",), "refer": ("e",), "draw": ("c",)}  # text.prompts and their fields
+PREPROCESSING_MODES = ("crop", "letterbox")  # preprocessing.mode (setok.runtime.frame.MODES)
+TENSOR_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+DECODER_INPUTS = (INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS)  # an llm stage's inputs besides its KV cache
+# Dims the runtime reads from a stage's record, as (side, tensor index, dims that must be integers):
+# the detokenizer's padded token count and token width.
+FIXED_DIMS = {"detokenizer": (("inputs", 0, (1, 2)),)}
+# Sections the runtime reads when the bundle has this stage (bundles of other stages may lack them).
+NEEDED_BY = {"llm": (("text",), ("files", "embeddings"), ("files", "tokenizer"))}
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_\-<>]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class FieldError(Exception):
+    """A field that is not what its spec expects; the reader turns it into its own error class."""
+
+    def __init__(self, where: str, expected: str, got: Any = None, missing: bool = False):
+        self.where = where or "the document"
+        super().__init__(f"{self.where} is missing; expected {expected}" if missing
+                         else f"{self.where}: got {describe(got)}; expected {expected}")
+
+
+def describe(value: Any) -> str:
+    """A short, one-line, ASCII rendering of a JSON value and its kind: `a string "x"`, `null`."""
+    kinds = [(bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list"),
+             (dict, "an object")]
+    if value is None:
+        return "null"
+    kind = next((k for t, k in kinds if isinstance(value, t)), type(value).__name__)
+    if isinstance(value, (list, dict)) and not value:
+        kind = kind.replace("a list", "an empty list").replace("an object", "an empty object")
+    text = _short(value)
+    return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _short(value: Any, depth: int = 0) -> str:
+    if isinstance(value, dict):
+        if not value or depth > 1:
+            return "{...}" if value else "{}"
+        items = [f"{json.dumps(str(k))}: {_short(v, depth + 1)}" for k, v in list(value.items())[:3]]
+        return "{" + ", ".join(items + (["..."] if len(value) > 3 else [])) + "}"
+    if isinstance(value, list):
+        if not value or depth > 1:
+            return "[...]" if value else "[]"
+        return "[" + ", ".join([_short(v, depth + 1) for v in value[:4]] + (["..."] if len(value) > 4 else [])) + "]"
+    if isinstance(value, str):
+        return json.dumps(value[:40]) + ("..." if len(value) > 40 else "")
+    return json.dumps(value) if isinstance(value, (int, float, bool)) else repr(value)[:40]
+
+
+def at(where: str, key: Any) -> str:
+    """The path of `key` under `where`: `a.b` for a plain key, `a["odd key"]` otherwise, `a[3]` for an index."""
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    if _SAFE_KEY.fullmatch(key):
+        return f"{where}.{key}" if where else key
+    return f"{where}[{json.dumps(key)}]"
+
+
+Spec = Callable[[Any, str], Any]
+
+
+@dataclass(frozen=True)
+class Scalar:
+    expected: str
+    ok: Callable[[Any], bool]
+
+    def __call__(self, value: Any, where: str) -> Any:
+        if not self.ok(value):
+            raise FieldError(where, self.expected, value)
+        return value
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # JSON true/false are not integers here
+
+
+def integer(lo: int | None = None) -> Scalar:
+    return Scalar("an integer" if lo is None else f"an integer >= {lo}", lambda v: _is_int(v) and (lo is None or v >= lo))
+
+
+def number(positive: bool = False) -> Scalar:
+    return Scalar("a positive number" if positive else "a finite number",
+                  lambda v: type(v) in (int, float) and math.isfinite(v) and (not positive or v > 0))
+
+
+def one_of(*values: str) -> Scalar:
+    return Scalar(f"one of {list(values)}", lambda v: isinstance(v, str) and v in values)
+
+
+NAME = Scalar("a non-empty string without control characters",
+              lambda v: isinstance(v, str) and v != "" and not _CONTROL.search(v))
+TEXT = Scalar("a string", lambda v: isinstance(v, str))
+BOOLEAN = Scalar("true or false", lambda v: type(v) is bool)
+SHA256 = Scalar("a sha256 digest (64 hex digits, 0-9a-f)", lambda v: isinstance(v, str) and bool(_SHA256.fullmatch(v)))
+DIM = Scalar("an integer >= 0 or a dimension name", lambda v: (_is_int(v) and v >= 0) or NAME.ok(v))
+ANY_OBJECT = Scalar("an object", lambda v: isinstance(v, dict))
+
+
+@dataclass(frozen=True)
+class Nullable:
+    spec: Spec
+
+    @property
+    def expected(self) -> str:
+        return f"{self.spec.expected} or null"
+
+    def __call__(self, value: Any, where: str) -> Any:
+        if value is None:
+            return None
+        try:
+            return self.spec(value, where)
+        except FieldError as e:
+            if e.where == where:  # the value itself, not a field inside it: say null would do too
+                raise FieldError(where, self.expected, value) from None
+            raise
+
+
+@dataclass(frozen=True)
+class ListOf:
+    item: Spec
+    min_len: int = 0
+    max_len: int | None = None
+    what: str = ""  # how the expectation reads, when not "a list of <item>"
+
+    @property
+    def expected(self) -> str:
+        if self.what:
+            return self.what
+        if self.max_len is not None:
+            n = f"{self.min_len}" if self.max_len == self.min_len else f"{self.min_len} to {self.max_len}"
+            return f"a list of {n} items, each {self.item.expected}"
+        return f"a {'non-empty ' if self.min_len else ''}list, each item {self.item.expected}"
+
+    def __call__(self, value: Any, where: str) -> list:
+        if not isinstance(value, list) or len(value) < self.min_len or (self.max_len is not None and len(value) > self.max_len):
+            raise FieldError(where, self.expected, value)
+        return [self.item(v, at(where, i)) for i, v in enumerate(value)]
+
+
+@dataclass(frozen=True)
+class Record:
+    """A JSON object: `fields` name -> (spec, required); other keys are checked by `others`, if given."""
+
+    fields: dict[str, tuple[Spec, bool]]
+    others: Spec | None = None
+    what: str = ""
+
+    @property
+    def expected(self) -> str:
+        if self.what:
+            return self.what
+        need = [k for k, (_, req) in self.fields.items() if req]
+        return f"an object with {', '.join(need)}" if need else "an object"
+
+    def __call__(self, value: Any, where: str) -> dict:
+        if not isinstance(value, dict):
+            raise FieldError(where, self.expected, value)
+        for key, (spec, required) in self.fields.items():
+            if key in value:
+                spec(value[key], at(where, key))
+            elif required:
+                raise FieldError(at(where, key), spec.expected, missing=True)
+        if self.others is not None:
+            for key, v in value.items():
+                if key not in self.fields:
+                    self.others(v, at(where, key))
+        return value
+
+
+def _formats(template: Any, fields: tuple[str, ...]) -> bool:
+    if not isinstance(template, str):
+        return False
+    try:
+        split_prompt(template, **{f: "" for f in fields})
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError):
+        return False
+    return True
+
+
+def prompt(fields: tuple[str, ...]) -> Scalar:
+    names = ", ".join("{" + f + "}" for f in (*fields, "image"))
+    return Scalar(f"a prompt template (a string whose only fields are {names})", lambda v: _formats(v, fields))
+
+
+FILE = Record({"file": (NAME, True), "sha256": (SHA256, True)})
+TENSOR = Record({"name": (NAME, True), "dtype": (one_of(*TENSOR_DTYPES), True), "shape": (ListOf(DIM), True)},
+                what="a tensor record {name, dtype, shape}")
+KV_CACHE = Record({"past": (ListOf(NAME, 1), True), "present": (ListOf(NAME, 1), True)})
+STAGE = Record({
+    "name": (NAME, True), "file": (NAME, True), "sha256": (SHA256, True), "precision": (NAME, True),
+    "opset": (integer(1), True), "inputs": (ListOf(TENSOR, 1), True), "outputs": (ListOf(TENSOR, 1), True),
+    "extra": (Record({"kv_cache": (KV_CACHE, False), "op": (NAME, False), "plugin_namespace": (NAME, False),
+                      "op_version": (integer(1), False)}), False),
+    "form_of": (NAME, False), "data": (ListOf(FILE), False),
+}, what="a stage record {name, file, sha256, precision, opset, inputs, outputs}")
+PREPROCESSING = Record({
+    "size": (integer(1), True), "mean": (ListOf(number(), 3, 3), True), "std": (ListOf(number(positive=True), 3, 3), True),
+    "layout": (TEXT, False), "channels": (TEXT, False), "resize": (TEXT, False),
+    "mode": (one_of(*PREPROCESSING_MODES), False),  # how a frame becomes the square (bundles before it: crop)
+})
+TEXT_CONTRACT = Record({
+    "special_ids": (Record({t: (integer(0), True) for t in SPECIAL_TOKENS}, others=integer(0)), True),
+    "prompts": (Record({k: (prompt(f), True) for k, f in PROMPT_FIELDS.items()}, others=TEXT), True),
+    "max_positions": (integer(2), True), "num_layers": (integer(1), False), "chat_template": (TEXT, False),
+})
+
+
+def _config_spec(cls: type) -> Record:
+    """The spec of a config dataclass's JSON, from its type hints (setok.config.SetokimConfig)."""
+    hints = typing.get_type_hints(cls)
+    return Record({f.name: (_hint_spec(hints[f.name], f"{cls.__name__}.{f.name}"), False) for f in dataclasses.fields(cls)})
+
+
+def _hint_spec(hint: Any, name: str) -> Spec:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint) and len(args) == 1:
+        return Nullable(_hint_spec(args[0], name))
+    origin = typing.get_origin(hint) or hint
+    simple = {bool: BOOLEAN, int: integer(), float: number(), str: TEXT, dict: ANY_OBJECT}
+    if origin in simple:
+        return simple[origin]
+    if origin is list and args:
+        return ListOf(_hint_spec(args[0], name))
+    if dataclasses.is_dataclass(origin):
+        return _config_spec(origin)
+    raise TypeError(f"{name}: no manifest spec for the config type {hint!r}; add one in setok/manifest.py")
+
+
+@functools.lru_cache(maxsize=1)
+def config_spec() -> Record:
+    """The model config (setok.config.SetokimConfig.to_dict()): every known key typed, the two the
+    runtime reads required. Keys this version does not know are left alone (older or newer bundles)."""
+    from setok.config import SetokimConfig
+
+    spec = _config_spec(SetokimConfig)
+    encoder = spec.fields["encoder"][0]
+    required = {"image_size": (integer(1), True), "patch_size": (integer(1), True)}
+    return dataclasses.replace(spec, fields={**spec.fields, "encoder": (dataclasses.replace(
+        encoder, fields={**encoder.fields, **required}), True)})
+
+
+def check_manifest(d: dict[str, Any]) -> None:
+    """FieldError for the first field of a manifest's JSON that is not what the runtime expects."""
+    Record({"setok_version": (TEXT, True), "config": (config_spec(), True), "preprocessing": (PREPROCESSING, True),
+            "stages": (Scalar("a non-empty list of stage records", lambda v: isinstance(v, list) and bool(v)), True),
+            "files": (Record({}, others=FILE), False), "text": (TEXT_CONTRACT, False)})(d, "")
+    names = named_items(d["stages"], "stages", "name", STAGE, "a name no other stage has")
+    _check_stages(d, names)
+    pre, enc = d["preprocessing"], d["config"]["encoder"]
+    if pre["size"] != enc["image_size"]:
+        raise FieldError("preprocessing.size", f"config.encoder.image_size ({enc['image_size']})", pre["size"])
+    if pre["size"] % enc["patch_size"]:
+        raise FieldError("config.encoder.patch_size", f"a divisor of preprocessing.size ({pre['size']})", enc["patch_size"])
+
+
+def named_items(items: list, where: str, key: str, spec: Spec, unique: str) -> dict[str, str]:
+    """Check each record of a list with `spec`; its path is `where.<its key>` (`stages.llm`), or
+    `where[i]` while that key is not a plain name. Returns key -> path; a key seen twice is an error."""
+    paths: dict[str, str] = {}
+    for i, item in enumerate(items):
+        name = item.get(key) if isinstance(item, dict) else None
+        if isinstance(name, str) and name in paths:
+            raise FieldError(at(at(where, i), key), f"{unique} ({paths[name]} has it)", name)
+        here = at(where, name) if isinstance(name, str) and _SAFE_KEY.fullmatch(name) else at(where, i)
+        spec(item, here)
+        paths[name] = here
+    return paths
+
+
+def _check_stages(d: dict[str, Any], names: dict[str, str]) -> None:
+    """What crosses fields: forms name a stage, KV caches match the I/O, dims the runtime reads are fixed."""
+    for s in d["stages"]:
+        where = names[s["name"]]
+        form = s.get("form_of", LEGACY_FORMS.get(s["name"]))
+        if "form_of" in s and (form == s["name"] or form not in names):
+            raise FieldError(at(where, "form_of"), f"the name of another stage of the bundle ({sorted(names)})", form)
+        inputs, outputs = _by_name(s, "inputs", where), _by_name(s, "outputs", where)
+        _check_kv(s, where, inputs, outputs)
+        for side, index, dims in FIXED_DIMS.get(s["name"], ()):
+            tensors = s[side]
+            shape = tensors[index]["shape"] if index < len(tensors) else []
+            if len(shape) <= max(dims) or not all(_is_int(shape[k]) for k in dims):
+                raise FieldError(at(at(at(where, side), index), "shape"),
+                                 f"integers at {', '.join(f'[{k}]' for k in dims)} (the runtime reads them)", shape)
+        for section in NEEDED_BY.get(s["name"], ()):
+            node: Any = d
+            for i, key in enumerate(section):
+                if not isinstance(node, dict) or key not in node:
+                    what = "the special token ids and prompts" if section == ("text",) else "a file record {file, sha256}"
+                    raise FieldError(".".join(section[: i + 1]), f"{what} (the {s['name']} stage needs it)", missing=True)
+                node = node[key]
+
+
+def _by_name(s: dict[str, Any], side: str, where: str) -> dict[str, tuple[int, dict]]:
+    tensors: dict[str, tuple[int, dict]] = {}
+    for i, t in enumerate(s[side]):
+        if t["name"] in tensors:
+            raise FieldError(at(at(at(where, side), i), "name"), f"a name no other tensor of the stage has "
+                             f"({side}[{tensors[t['name']][0]}] has it)", t["name"])
+        tensors[t["name"]] = (i, t)
+    return tensors
+
+
+def _check_kv(s: dict[str, Any], where: str, inputs: dict, outputs: dict) -> None:
+    """A decoder stage (it takes inputs_embeds) feeds back exactly its cache inputs, each (B, heads, T, head_dim)."""
+    extra = s.get("extra", {})
+    kv = extra.get("kv_cache")
+    if kv is not None and len(kv["past"]) != len(kv["present"]):
+        raise FieldError(at(at(at(where, "extra"), "kv_cache"), "present"),
+                         f"as many names as kv_cache.past has ({len(kv['past'])})", kv["present"])
+    if INPUTS_EMBEDS not in inputs:
+        return
+    cache = KvCache.of([TensorSpec(t["name"], t["dtype"], t["shape"]) for _, t in inputs.values()], extra)
+    expected = sorted(set(inputs) - set(DECODER_INPUTS))
+    kv_where = at(at(where, "extra"), "kv_cache") if kv is not None else at(where, "inputs")
+    if sorted(cache.past) != expected:
+        raise FieldError(kv_where, f"past names that are exactly the stage's cache inputs {expected}", list(cache.past))
+    for past, present in zip(cache.past, cache.present):
+        i, t = inputs[past]
+        if len(t["shape"]) != 4 or not (_is_int(t["shape"][1]) and _is_int(t["shape"][3])):
+            raise FieldError(at(at(at(where, "inputs"), i), "shape"), "(batch, heads, past_sequence, head_dim) with "
+                             "integer heads and head_dim", t["shape"])
+        if present not in outputs:
+            raise FieldError(kv_where, f"present names that are outputs of the stage ({present!r} is not)", list(cache.present))
+
+
+def checked(path: Path, error: type[Exception], fix: str, check: Callable[[dict[str, Any]], None], d: dict[str, Any]) -> None:
+    """Run `check` on a document read from `path`; a FieldError becomes `error` naming the file and the fix."""
+    try:
+        check(d)
+    except FieldError as e:
+        raise error(f"{path}: {e} ({fix})") from None
+
+
 def load_manifest(bundle: str | Path, verify: bool = True, stages: bool = True) -> Manifest:
     """Read and check a manifest; `stages=False` skips the stage files (an engines directory
-    carries only the manifest and its other files: the stages are engines there)."""
+    carries only the manifest and its other files: the stages are engines there).
+
+    Every field is type-checked first (check_manifest): a malformed manifest is one BundleError
+    naming the field, never an exception from deeper in the runtime."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
-    d = read_versioned_json(path, SCHEMA_VERSION, BundleError, "a bundle written by `setok export`", "re-export the bundle")
-    try:
-        m = Manifest(d["setok_version"], d["config"], d["preprocessing"],
-                     [StageEntry.from_dict(s) for s in d["stages"]], d.get("files", {}), d.get("text", {}))
-    except (KeyError, TypeError) as e:
-        raise BundleError(f"{path} is missing {e}") from None
+    fix = "re-export the bundle with `setok export`"
+    d = read_versioned_json(path, SCHEMA_VERSION, BundleError, "a bundle written by `setok export`", fix)
+    checked(path, BundleError, fix, check_manifest, d)
+    m = Manifest(d["setok_version"], d["config"], d["preprocessing"], [StageEntry.from_dict(s) for s in d["stages"]],
+                 d.get("files", {}), d.get("text", {}))
     if verify:
         verify_files(bundle, m, stages)
     return m
@@ -244,12 +594,18 @@ def read_versioned_json(path: Path, schema: int, error: type[Exception], what: s
     if not path.is_file():
         raise error(f"{path.parent}: no {path.name}; expected {what}")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict) or d.get("schema_version") != schema:
-        got = d.get("schema_version") if isinstance(d, dict) else None
-        raise error(f"{path}: schema_version {got!r} is not supported; expected {schema} ({fix})")
+    except RecursionError:
+        raise error(f"{path} is not valid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e.strerror or e})") from None
+    got = d.get("schema_version") if isinstance(d, dict) else None
+    if type(got) is not int or got != schema:  # true == 1 and 1.0 == 1 in Python: not here
+        what_got = (f"schema_version {json.dumps(got) if type(got) in (int, float, bool, str) or got is None else describe(got)}"
+                    if isinstance(d, dict) else f"{describe(d)} instead of an object")
+        raise error(f"{path}: {what_got} is not supported; expected schema_version {schema} ({fix})")
     return d
 
 

@@ -18,3 +18,14 @@ def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
     from setok.export.onnx import export_bundle
 
     return export_bundle(tiny_ckpt, tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def shipped_bundle(tmp_path_factory) -> Path:
+    """The shipped small checkpoint exported once, for the tests that check content (masks against
+    the scene's, answers that differ between scenes, threads that could mix images up): the barely
+    trained tiny model answers alike for every image."""
+    from setok.config import SHIPPED_CHECKPOINT
+    from setok.export.onnx import export_bundle
+
+    return export_bundle(SHIPPED_CHECKPOINT, tmp_path_factory.mktemp("shipped") / "small")

@@ -14,6 +14,7 @@ Every decoder returns, per call, only the last position's logits and hidden stat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -81,6 +82,22 @@ class Positions:
         self.last = pos[:, -1:]
         return {M.ATTENTION_MASK: self.mask, M.POSITION_IDS: pos}
 
+    def copy(self) -> Positions:
+        other = Positions()
+        other.mask = None if self.mask is None else self.mask.copy()
+        other.last = None if self.last is None else self.last.copy()
+        return other
+
+
+@dataclass(frozen=True)
+class DecoderState:
+    """A decoder's cache and positions after a prompt prefix (`snapshot`): restored into a fresh
+    decoder (`restore`), the prefill continues from there. Later steps never modify it (each step's
+    presents are new tensors), so one state can seed many decoders, on any thread."""
+
+    past: dict
+    positions: Positions
+
 
 class HostDecoder:
     """Works with every backend: feeds the cache back as numpy arrays."""
@@ -99,6 +116,12 @@ class HostDecoder:
         out = self.backend.run({M.INPUTS_EMBEDS: embeds, **self.positions.feeds(embeds, mask), **past})
         self.past = self.kv.as_past(out)
         return out[M.LOGITS][:, -1], out[M.HIDDEN_STATES][:, -1]
+
+    def snapshot(self) -> DecoderState:
+        return DecoderState(dict(self.past or {}), self.positions.copy())
+
+    def restore(self, state: DecoderState) -> None:
+        self.past, self.positions = dict(state.past) or None, state.positions.copy()
 
     def close(self) -> None:
         self.past = None

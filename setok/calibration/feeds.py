@@ -10,6 +10,7 @@ Upstream stages run in fp32 (the bundle as exported), as post-training calibrati
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,3 +180,13 @@ def _add(feeds: dict, stage: str, make) -> None:
         feed = make()
         if feed is not None:
             feeds[stage].append(feed)
+
+
+def stack_feeds(feeds: list[dict]) -> dict[str, np.ndarray]:
+    """ModelOpt takes one array per input, batched on axis 0: use the largest group of equal shapes."""
+    groups = Counter(tuple((k, v.shape[1:]) for k, v in sorted(f.items())) for f in feeds)
+    key = groups.most_common(1)[0][0]
+    same = [f for f in feeds if tuple((k, v.shape[1:]) for k, v in sorted(f.items())) == key]
+    if len(same) < len(feeds):
+        log.warning("modelopt calibration: %d of %d feeds share one shape and are used", len(same), len(feeds))
+    return {k: np.concatenate([f[k] for f in same]) for k in same[0]}

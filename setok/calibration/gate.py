@@ -35,7 +35,7 @@ def apply_task_gate(bundle: Path, tmp: Path, manifest: M.Manifest, n: int, gates
     original = {s.name: s for s in M.load_manifest(bundle).stages}
     ref = evaluate_bundle(bundle, n=n, seed=GATE_SEED)
     reverted, cand = [], evaluate_bundle(tmp, n=n, seed=GATE_SEED)
-    for entry in [s for s in manifest.stages if s.precision == "int8"]:
+    for entry in [s for s in manifest.stages if s.precision != "fp32"]:  # int8, and int4 weight-only
         failed = misses(ref, cand, gates)
         if not failed:
             break

@@ -78,7 +78,9 @@ def show_scenes(ckpt: Path, png: Path, echo: Callable[[str], None], count: int =
     """Per scene: the image, its token map, the reconstruction, the image generated from its
     caption and the referring-segmentation mask; plus the model's words next to the truth."""
     from setok.data.items import eval_items
+    from setok.eval.ceiling import parse_caption
     from setok.eval.evaluation import to_unit, token_mask_pixels
+    from setok.eval.judge import judge, read_image
     from setok.io import save_png
     from setok.model.encoder import preprocess
     from setok.model.setokim import Setokim
@@ -101,13 +103,31 @@ def show_scenes(ckpt: Path, png: Path, echo: Callable[[str], None], count: int =
         mask = token_mask_pixels(assignment[i], selected[i].numpy(), it.image, cfg.grid, cfg.patch_size)
         tiles = [it.image, _up(tokens_map, cfg.patch_size), _u8(recon[i]), _u8(gen[i]),
                  np.repeat(mask[..., None] * 255, 3, -1).astype(np.uint8)]
-        rows.append(np.concatenate([_up(t, 4) for t in tiles], 1))
+        row = np.concatenate([_up(t, 4) for t in tiles], 1)
+        read = read_image(gen[i])
+        verdict = judge(parse_caption(it.caption)[0], read)
+        lines = ["judge read:"] + ([d.label() for d in read] or ["nothing"])
+        lines.append(f"{verdict.exact}/{verdict.described} exactly right" + ("" if verdict.count_ok else f", {verdict.detected} seen"))
+        rows += [row, _label_band(row.shape[1], 3 * row.shape[1] // len(tiles), lines)]
         echo(f"scene {i}: {int(counts[i])} tokens for {it.num_objects} objects")
         echo(f"  caption  truth: {it.caption}\n           model: {captions[i]}")
         echo(f"  question {it.qa[0][0]!r}: truth {it.qa[0][1]!r}, model {answers[i]!r}")
         echo(f"  segment  {exprs[i]!r}: mask of {int(selected[i].sum())} token(s)")
+        echo(f"  generated, as the judge reads it: {'; '.join(d.label() for d in read) or 'nothing'}")
     save_png(png, np.concatenate(rows, 0))
-    echo(f"saved {png} (columns: image, tokens, reconstruction, generated from caption, segmentation)")
+    echo(f"saved {png} (columns: image, tokens, reconstruction, generated from caption, segmentation; "
+         "under each generated image, what the object judge reads in it)")
+
+
+def _label_band(width: int, x: int, lines: list[str], line_height: int = 12) -> np.ndarray:
+    """A dark (h, width, 3) uint8 strip with `lines` of text starting at column x."""
+    from PIL import Image, ImageDraw
+
+    band = Image.new("RGB", (width, line_height * len(lines) + 4), (16, 16, 16))
+    draw = ImageDraw.Draw(band)
+    for k, line in enumerate(lines):
+        draw.text((x + 2, 2 + k * line_height), line, fill=(230, 230, 230))
+    return np.asarray(band)
 
 
 def _u8(x: np.ndarray) -> np.ndarray:

@@ -155,6 +155,10 @@ def check_trt_runner(left: float) -> dict[str, Any]:
     return _pytest(["tests/gpu/test_runner_cuda.py"], left)
 
 
+def check_train_cuda(left: float) -> dict[str, Any]:
+    return _pytest(["tests/gpu/test_train_cuda.py"], left)
+
+
 def check_tensorrt_engines(left: float) -> dict[str, Any]:
     return _pytest(["-m", "gpu", "tests/gpu/test_tensorrt.py"], left)
 
@@ -168,6 +172,8 @@ CHECKS = (
           "Setokim (shipped checkpoint) vision path on CUDA fp32 / bf16 against CPU"),
     Check("trt_runner", ("torch", "cuda", "onnxruntime", "pytest"), (ROOT / "tests/gpu/test_runner_cuda.py",),
           check_trt_runner, "TrtBackend buffers / stream / copies on device memory, llm.onnx as the engine"),
+    Check("train_cuda", ("torch", "pytest"), (ROOT / "tests/gpu/test_train_cuda.py",), check_train_cuda,
+          "setok train --device cuda (fp32 and bf16 autocast) follows the CPU run; the checkpoint loads on the CPU"),
     Check("tensorrt_engines", ("tensorrt", "cuda", "pytest"), (ROOT / "tests/gpu/test_tensorrt.py",),
           check_tensorrt_engines, "the tiny bundle's TensorRT engines built and run (only where TensorRT is installed)"),
 )

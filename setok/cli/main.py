@@ -58,6 +58,10 @@ def main(verbose: bool) -> None:
               help="A local causal-LM directory instead of the built-in Llama (its own tokenizer is kept).")
 @click.option("--freeze-encoder", is_flag=True,
               help="Keep the vision tower's weights as loaded (SeTok trains the tokenizer on a frozen tower).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda, cuda:N or auto (under torchrun, cuda means one GPU per rank).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: autocast the forward passes (weights and optimizer state stay float32).")
 @user_errors
 def train(**kw) -> None:
     """Train a Setokim checkpoint (stage 1 vision tokenizer, stage 2 LLM and heads)."""
@@ -109,12 +113,15 @@ def demo(ckpt: Path | None, out: Path, n: int) -> None:
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="Override the cluster stage's max_tokens.")
 @click.option("--max-context", type=click.IntRange(2), default=None,
               help="Cap the LLM's context (default: its config's max_position_embeddings).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: float16 weights and compute for GPU targets (graph I/O stays float32; the clustering "
+                   "stays fp32), validated with fp16 gates.")
 @user_errors
-def export(ckpt: Path, out: Path, opset: int, max_tokens: int | None, max_context: int | None) -> None:
+def export(ckpt: Path, out: Path, opset: int, max_tokens: int | None, max_context: int | None, dtype: str) -> None:
     """Export every stage of a checkpoint to ONNX, validated against PyTorch, plus manifest.json."""
     from setok.export.onnx import export_bundle
 
-    export_bundle(_checkpoint(ckpt), out, opset=opset, max_tokens=max_tokens, max_context=max_context)
+    export_bundle(_checkpoint(ckpt), out, opset=opset, max_tokens=max_tokens, max_context=max_context, dtype=dtype)
     click.echo(f"bundle written to {out}")
 
 
@@ -124,16 +131,17 @@ def export(ckpt: Path, out: Path, opset: int, max_tokens: int | None, max_contex
 @click.option("--ask", default=None, help="A question about the image.")
 @click.option("--segment", "expression", default=None, help="A referring expression to segment.")
 @click.option("--generate", default=None, help="A caption to draw an image from.")
-@click.option("--save-masks", type=click.Path(path_type=Path), default=None, help="PNG of the token masks (and segmentation).")
+@click.option("--save-masks", type=click.Path(path_type=Path), default=None, help="PNG of the token masks (and segmentation) on the original image.")
 @click.option("--save-image", type=click.Path(path_type=Path), default=None, help="PNG of the generated image.")
+@click.option("--letterbox", is_flag=True, help="Pad the image to the model's square instead of center-cropping it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @user_errors
 def run(bundle: Path, image: Path | None, ask: str | None, expression: str | None, generate: str | None,
-        save_masks: Path | None, save_image: Path | None, as_json: bool) -> None:
-    """Run a bundle with the torch-free runtime."""
+        save_masks: Path | None, save_image: Path | None, letterbox: bool, as_json: bool) -> None:
+    """Run a bundle with the torch-free runtime (positions in the image's own pixels)."""
     from setok.cli.run import run_bundle
 
-    result = run_bundle(bundle, image, ask, expression, generate, save_masks, save_image)
+    result = run_bundle(bundle, image, ask, expression, generate, save_masks, save_image, letterbox)
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -147,7 +155,8 @@ def run(bundle: Path, image: Path | None, ask: str | None, expression: str | Non
 @click.option("--images", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="A folder of real photos (any size or mode); default: synthetic scenes.")
 @click.option("--n", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True,
+              help="The gates to apply: the exported fp32 / fp16 bundle, a calibrated INT8 one, a weight-only int4 LLM.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @user_errors
 def parity(ckpt: Path, bundle: Path, images: Path | None, n: int, precision: str, json_out: Path | None) -> None:
@@ -182,30 +191,49 @@ def parity(ckpt: Path, bundle: Path, images: Path | None, n: int, precision: str
 @click.option("--trt-version", default=None,
               help="TensorRT that will read the calibration tables (their header); default: the installed one, "
                    "10.3 (JetPack 6) without one.")
+@click.option("--target", type=click.Choice(["onnxruntime-cpu", "tensorrt"]), default="onnxruntime-cpu", show_default=True,
+              help="What will run the bundle: onnxruntime-cpu keeps what is faster here (Q/DQ, dynamic INT8, MatMulNBits); "
+                   "tensorrt keeps Q/DQ where the accuracy gates hold (its speed is not measurable here).")
+@click.option("--llm-weights", type=click.Choice(["int4", "int8"]), default=None,
+              help="Weight-only quantization of the LLM (MatMulNBits for onnxruntime-cpu, DequantizeLinear->MatMul for tensorrt).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="--llm-weights: rows per scale (a power of two >= 16).")
+@click.option("--accuracy-level", type=int, default=4, show_default=True,
+              help="--llm-weights on onnxruntime-cpu: MatMulNBits accuracy_level (4: int8 compute, the fast CPU path).")
+@click.option("--algorithm", type=click.Choice(["rtn", "gptq", "awq"]), default="rtn", show_default=True,
+              help="--llm-weights: round-to-nearest, GPTQ on the bundle's own calibration feeds, or ModelOpt's int4 AWQ.")
+@click.option("--quantize-lm-head", is_flag=True, help="--llm-weights: quantize the LM head too (default: it stays float).")
 @user_errors
 def calibrate(bundle: Path, out: Path, data: str, n: int, method: str, stages: str | None, quantizer: str,
-              auto_exclude: bool, seed: int, keep_slow_int8: bool, task_gate: int, trt_version: str | None) -> None:
-    """Calibrate a bundle on real data into explicit Q/DQ INT8 ONNX (+ range files, TensorRT table)."""
+              auto_exclude: bool, seed: int, keep_slow_int8: bool, task_gate: int, trt_version: str | None, target: str,
+              llm_weights: str | None, block_size: int, accuracy_level: int, algorithm: str, quantize_lm_head: bool) -> None:
+    """Calibrate a bundle on real data into explicit Q/DQ INT8 ONNX (+ range files, TensorRT table), and with
+    --llm-weights the LLM into weight-only int4/int8."""
     from setok.calibration import calibrate_bundle
     from setok.calibration.ranges import table_version
+    from setok.calibration.weights import WeightSpec
 
     names = [x.strip() for x in stages.split(",") if x.strip()] if stages else None
+    spec = WeightSpec(llm_weights, block_size, accuracy_level, algorithm, quantize_lm_head, target) if llm_weights else None
+    if spec is not None:
+        spec.check()  # before anything is loaded or logged
     with table_version(trt_version) as header:
         report = calibrate_bundle(bundle, out, data=data, n=n, method=method, stages=names, quantizer=quantizer,
                                   auto_exclude=auto_exclude, seed=seed, speed_gate=not keep_slow_int8,
-                                  task_gate=task_gate)
+                                  task_gate=task_gate, target=target, llm_weights=spec)
     report["trt_calibration_table"] = f"TRT-{header}"
     click.echo(json.dumps(report, indent=2, default=str))
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--target", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True)
+@click.option("--target", type=click.Choice(["tensorrt", "onnxruntime-cpu"]), default="tensorrt", show_default=True,
+              help="tensorrt: TensorRT's ONNX parser and its quantized forms; onnxruntime-cpu: ORT CPU kernels.")
 @click.option("--trt-version", default="10.8", show_default=True, help="TensorRT version the engines will be built with.")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @user_errors
 def lint(bundle: Path, target: str, trt_version: str, as_json: bool) -> None:
-    """Check every node of every stage against TensorRT's ONNX operator support; exit 1 on errors."""
+    """Check every node of every stage against the target's operator support (TensorRT's ONNX parser, or
+    ONNX Runtime's CPU kernels) and quantized forms; exit 1 on errors."""
     import dataclasses
 
     from setok.backends.trt.lint import lint_bundle
@@ -235,15 +263,28 @@ def lint(bundle: Path, target: str, trt_version: str, as_json: bool) -> None:
 @click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads (default: the runtime's).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="Stacked per-stage latency PNG.")
+@click.option("--frame-loop", is_flag=True,
+              help="A bundle's frame loop (same question, new frames): time to first token with and without the "
+                   "prompt-prefix KV cache.")
 @user_errors
 def bench_(targets: tuple[Path, ...], compare: bool, backend: str | None, n: int, warmup: int, max_new_tokens: int,
-           batch: int, threads: int | None, json_out: Path | None, plot_out: Path | None) -> None:
+           batch: int, threads: int | None, json_out: Path | None, plot_out: Path | None, frame_loop: bool) -> None:
     """Per-stage latency (median, p90), time per decoded token, end-to-end image -> answer."""
     from setok.eval.bench import bench, plot
     from setok.io import write_json
 
     if not targets or (len(targets) > 1 and not compare):
         raise SetokError(f"got {len(targets)} target(s); expected one, or several with --compare")
+    if frame_loop:
+        from setok.eval.frame_bench import frame_loop as run_frame_loop
+
+        if len(targets) != 1 or not (targets[0] / "manifest.json").is_file():
+            raise SetokError(f"--frame-loop: got {[str(t) for t in targets]}; expected one bundle directory")
+        result = run_frame_loop(targets[0], n, warmup, threads)
+        if json_out:
+            write_json(json_out, result)
+        click.echo(json.dumps(result, indent=2))
+        return
     result = bench(list(targets), backend, n, warmup, max_new_tokens, batch, threads)
     if json_out:
         write_json(json_out, result)

@@ -3,6 +3,11 @@
 Targets are run interleaved (A B A B ...) in one process, so ratios between them survive a
 noisy machine; `e2e_ratio` is the median over pairs of each target's end-to-end latency divided
 by the first target's.
+
+Decode reads every LLM weight once per token, so its ceiling is memory bandwidth: the result holds
+this machine's copy bandwidth (`copy_bandwidth_gbs`, a large numpy copy, read + write bytes, best
+of several) and, per target, the LLM weight bytes read per token, the tokens/s that bandwidth allows
+(`bound_tokens_per_s`) and the fraction of it the decode reached (`fraction_of_bound`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class RuntimeTarget:
         self.pipe = Pipeline.open(path, backend=backend, spin=False, threads=threads)
         self.open_seconds = time.perf_counter() - start
         self.name = f"{backend}:{path}"
+        self.weight_bytes = bundle_llm_bytes(self.pipe.manifest, path) if backend == "onnxruntime" else None
 
     def run(self, image: np.ndarray, max_new_tokens: int) -> tuple[dict[str, float], int, int]:
         vt = self.pipe.tokenize(image)
@@ -61,6 +67,14 @@ class TorchTarget:
         self.model = Setokim.from_pretrained(path)
         self.open_seconds = time.perf_counter() - start
         self.name = f"pytorch:{path}"
+        self.threads = torch.get_num_threads()
+        llm = self.model.llm
+        # What one decode step reads: every parameter but the input embedding table (a row lookup),
+        # unless the LM head is that same table (tied).
+        embed = llm.get_input_embeddings().weight
+        head = llm.get_output_embeddings()
+        tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in llm.parameters()) - (0 if tied else embed.numel() * embed.element_size())
 
     def run(self, image: np.ndarray, max_new_tokens: int) -> tuple[dict[str, float], int, int]:
         import torch
@@ -95,6 +109,41 @@ class TorchTarget:
         m.greedy(seqs, max_new_tokens)
 
 
+def bundle_llm_bytes(manifest, bundle: Path) -> int | None:
+    """Bytes of the decoder stage's graph and its external data: the weights one decode step reads."""
+    from setok import manifest as M
+
+    decoders = [s for s in manifest.stages if s.kv_cache.past]
+    if not decoders:
+        return None
+    entry = decoders[0]
+    files = [entry.file, *(d["file"] for d in entry.data)]
+    return sum(M.inside(Path(bundle), f).stat().st_size for f in files)
+
+
+def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """GB/s of a large numpy copy (bytes read + bytes written), the best of `repeats`: DRAM bandwidth
+    as one process sees it (the array is far larger than any cache)."""
+    src = np.ones(mb << 18, np.float32)  # mb MiB
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9
+
+
+def bandwidth_bound(target: dict, weight_bytes: int | None, bandwidth_gbs: float) -> None:
+    """Add the memory-bandwidth bound of decode to one target's summary."""
+    if not weight_bytes:
+        return
+    bound = bandwidth_gbs * 1e9 / weight_bytes
+    target["weight_mb_per_token"] = weight_bytes / 2**20
+    target["bound_tokens_per_s"] = bound
+    target["fraction_of_bound"] = target["decode_tokens_per_s"] / bound if target.get("decode_tokens_per_s") else None
+
+
 def open_target(path: str | Path, backend: str | None, threads: int | None = None):
     path = Path(path)
     if not path.exists():
@@ -112,7 +161,11 @@ def bench(targets: list[str | Path], backend: str | None = None, n: int = 50, wa
 
     if n < 1 or warmup < 0 or batch < 0:
         raise InputError(f"--n {n} / --warmup {warmup} / --batch {batch}: expected n >= 1, warmup >= 0, batch >= 0")
-    opened = [open_target(t, backend if len(targets) == 1 else None, threads) for t in targets]
+    opened = []
+    for t in targets:
+        before = _rss_mb()
+        opened.append(open_target(t, backend if len(targets) == 1 else None, threads))
+        opened[-1].open_rss_mb = _rss_mb() - before
     images = [it.image for it in eval_items(n + warmup, seed=31)]
     rows: list[list[dict]] = [[] for _ in opened]
     from tqdm.auto import tqdm
@@ -126,6 +179,10 @@ def bench(targets: list[str | Path], backend: str | None = None, n: int = 50, wa
                 rows[j].append({"timings": timings, "e2e": e2e, "generated": generated, "tokens": tokens})
     result = {"machine": machine(), "n": n, "warmup": warmup, "max_new_tokens": max_new_tokens, "batch": batch,
               "threads": threads, "targets": [summarize(t, r) for t, r in zip(opened, rows)]}
+    result["copy_bandwidth_gbs"] = copy_bandwidth()
+    for target, summary in zip(opened, result["targets"]):
+        summary["open_rss_mb"] = round(getattr(target, "open_rss_mb", 0.0), 1)
+        bandwidth_bound(summary, getattr(target, "weight_bytes", None), result["copy_bandwidth_gbs"])
     base = np.array([r["e2e"] for r in rows[0]])
     result["e2e_ratio"] = [float(np.median(np.array([r["e2e"] for r in rows[j]]) / base)) for j in range(1, len(rows))]
     prefill = [np.array([r["timings"].get("llm_prefill", 0.0) for r in rs]) for rs in rows]
@@ -171,6 +228,14 @@ def summarize(target, rows: list[dict]) -> dict[str, Any]:
         "ttft_ms": float(np.median(ttft)),
         "tokens_per_image": float(np.mean([r["tokens"] for r in rows])),
     }
+
+
+def _rss_mb() -> float:
+    """This process's resident set now (Linux), MiB; 0 where /proc is not there."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def machine() -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from setok.data.items import SceneStream, TrainItem, eval_items
 from setok.eval.ceiling import gen_ceiling_psnr
+from setok.eval.judge import JUDGE_KEYS, judge_rows
 from setok.eval.metrics import fg_ari, flat_baseline_psnr, iou, psnr, spearman
 from setok.model.cluster import dpc_knn
 from setok.model.encoder import preprocess
@@ -63,7 +64,9 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 500, seed: int = 0, batch: in
 
 
 def summarize(rows: dict[str, list[float]]) -> dict:
-    out = {k: float(np.mean(v)) for k, v in rows.items() if k not in ("tokens", "objects")}
+    out = {k: float(np.mean(v)) for k, v in rows.items() if k not in ("tokens", "objects") and v}
+    for key in JUDGE_KEYS:  # over judgeable scenes only: null when no scene was judgeable
+        out.setdefault(key, None)
     out["tokens_mean"] = float(np.mean(rows["tokens"]))
     out["tokens_objects_spearman"] = spearman(rows["tokens"], rows["objects"])
     return out
@@ -90,6 +93,9 @@ def evaluate_batch(model: Setokim, items: list[TrainItem]) -> dict[str, list[flo
         "gen_psnr": [psnr(g, t) for g, t in zip(generated, truth)],
         "caption_exact": [float(c == it.caption) for c, it in zip(captions, items)],
     }
+    for it, r, g in zip(items, recon, generated):
+        for key, values in judge_rows(it.caption, it.image, r, g).items():
+            out.setdefault(key, []).extend(values)
     out["vqa_accuracy"] = _vqa(model, tokens, counts, items)
     out["refseg_miou"], out["refseg_miou_patch"] = _refseg(model, tokens, counts, assignment, items, truth)
     return out
@@ -163,7 +169,7 @@ def evaluate_item(pipe, it: TrainItem, cfg) -> dict[str, list[float]]:
     recon = pipe.reconstruct(vt).astype(np.float64) / 255.0
     segs = [(pipe.segment(vt, e), m) for e, m in it.referring]
     enc = cfg.encoder
-    return {
+    return judge_rows(it.caption, it.image, recon, gen) | {
         "fg_ari": [fg_ari(vt.assignment, labels)],
         "tokens": [vt.num_tokens],
         "objects": [it.num_objects],

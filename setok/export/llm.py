@@ -255,9 +255,13 @@ def presents_as_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def validate_llm(llm, onnx_path: Path, seed: int = 0) -> dict[str, float]:
+def validate_llm(llm, onnx_path: Path, seed: int = 0, tolerance=None) -> dict[str, float]:
     """ORT vs PyTorch: prefill (batch 2, seq 7, empty past; row 1 left-padded as Setokim.greedy does)
-    then one decode step fed with each side's own presents. Raises ValueError on a logits mismatch."""
+    then one decode step fed with each side's own presents. Raises ValueError on a mismatch: logits
+    max abs diff above `tolerance.max_abs` (default LOGITS_ATOL) or a cosine of logits or hidden
+    state below `tolerance.cosine`."""
+    atol = LOGITS_ATOL if tolerance is None else tolerance.max_abs
+    min_cos = None if tolerance is None else tolerance.cosine
     gen = torch.Generator().manual_seed(seed)
     batch, seq, hidden = 2, 7, llm.config.hidden_size
     embeds = torch.randn(batch, seq, hidden, generator=gen)
@@ -280,9 +284,14 @@ def validate_llm(llm, onnx_path: Path, seed: int = 0) -> dict[str, float]:
 
     log.info("LLM ONNX vs PyTorch: %s", {k: f"{v:.3g}" for k, v in stats.items()})
     for step_name in ("prefill", "decode"):
-        diff = stats[f"{step_name}_logits_max_abs"]
-        if not diff <= LOGITS_ATOL:  # also catches NaN
-            raise ValueError(f"{step_name} logits differ: max abs diff {diff:.3g} > {LOGITS_ATOL}")
+        diff = stats[f"{step_name}_{M.LOGITS}_max_abs"]
+        if atol is not None and not diff <= atol:  # also catches NaN
+            raise ValueError(f"{step_name} logits differ: max abs diff {diff:.3g} > {atol}")
+        for name in (M.LOGITS, M.HIDDEN_STATES):
+            cos = stats[f"{step_name}_{name}_cos"]
+            if min_cos is not None and not cos >= min_cos:
+                raise ValueError(f"{step_name} {name}: cosine {cos:.6f} < {min_cos} (max abs diff "
+                                 f"{stats[f'{step_name}_{name}_max_abs']:.3g})")
     return stats
 
 

@@ -7,6 +7,7 @@ iterates the registry and composes them and the manifest. Each can be called alo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 import setok
 from setok import manifest as M
+from setok.export.half import HALF, to_fp16
 from setok.export.stages import STAGES, Stage, flow
 from setok.io import atomic_dir
 from setok.model.setokim import (
@@ -86,9 +88,10 @@ def text_contract(model: Setokim, max_context: int | None = None) -> dict:
 
 
 def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: bool = True, max_tokens: int | None = None,
-                  stages: dict[str, Stage] | None = None, max_context: int | None = None) -> Path:
+                  stages: dict[str, Stage] | None = None, max_context: int | None = None, dtype: str = "fp32") -> Path:
     """Export every registered stage (of `stages`, default the registry) of a checkpoint to `out`
-    (atomically), validate each, and write the manifest."""
+    (atomically), validate each, and write the manifest. dtype "fp16": the stages that may take
+    it get float16 weights (float32 I/O), validated against PyTorch fp32 with their fp16 gates."""
     from tqdm.auto import tqdm
 
     model = Setokim.from_pretrained(ckpt)
@@ -104,7 +107,13 @@ def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: b
             path = st.export(st, model, tmp, opset, example)
             if validate:
                 st.validate(st, model, path, example)
-            entries.append(_entry(st, model, path, opset))
+            precision = "fp32"
+            if dtype == HALF and st.half:
+                precision = HALF
+                to_fp16(path)
+                if validate:
+                    st.validate(dataclasses.replace(st, tolerance=st.half_tolerance), model, path, example)
+            entries.append(_entry(st, model, path, opset, precision))
             files.update({role: {"file": f, "sha256": M.sha256(tmp / f)} for role, f in st.files})
         text = text_contract(model, max_context)
         M.Manifest(setok.__version__, model.cfg.to_dict(), preprocessing(model), entries, files, text).write(tmp)
@@ -112,9 +121,9 @@ def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: b
     return Path(out)
 
 
-def _entry(st: Stage, model: Setokim, path: Path, opset: int) -> M.StageEntry:
+def _entry(st: Stage, model: Setokim, path: Path, opset: int, precision: str = "fp32") -> M.StageEntry:
     ins, outs = st.specs(model)
-    return M.StageEntry(st.name, path.name, M.sha256(path), "fp32", opset, ins, outs, st.extra(model), st.form_of,
+    return M.StageEntry(st.name, path.name, M.sha256(path), precision, opset, ins, outs, st.extra(model), st.form_of,
                         M.data_records(path))
 
 

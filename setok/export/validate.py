@@ -87,7 +87,7 @@ def validate_llm_stage(stage: Stage, model, path: Path, example: dict) -> list[C
     from setok.export.llm import validate_llm
 
     try:
-        log.info("llm: %s", validate_llm(model.llm, path))
+        log.info("llm: %s", validate_llm(model.llm, path, tolerance=stage.tolerance))
     except ValueError as e:  # validate_llm names the output and its max difference
         raise ValidationError(f"stage {stage.name} ({path.name}) disagrees with PyTorch: {e}") from None
     return []

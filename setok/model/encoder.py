@@ -73,6 +73,6 @@ class Encoder(nn.Module):
 def preprocess(images: Tensor, cfg: EncoderConfig | None = None) -> Tensor:
     """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W), with the tower's mean / std."""
     x = images.permute(0, 3, 1, 2).float() / 255.0  # (B, H, W, 3) -> (B, 3, H, W)
-    mean = torch.tensor(cfg.mean if cfg else MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std if cfg else STD).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.mean if cfg else MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std if cfg else STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std

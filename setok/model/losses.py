@@ -48,13 +48,14 @@ class ConceptContrast(nn.Module):
 
     def forward(self, token_vecs: Tensor, text_ids: list[list[int]], concepts: list[str]) -> Tensor:
         """token_vecs (M, D): one token per concept; text_ids: the concept's token ids."""
-        flat = torch.tensor([i for ids in text_ids for i in ids])
-        offsets = torch.tensor([0] + [len(ids) for ids in text_ids[:-1]]).cumsum(0)
+        dev = token_vecs.device
+        flat = torch.tensor([i for ids in text_ids for i in ids], device=dev)
+        offsets = torch.tensor([0] + [len(ids) for ids in text_ids[:-1]], device=dev).cumsum(0)
         t = F.normalize(self.text_proj(self.text(flat, offsets)), dim=-1)  # (M, E)
         v = F.normalize(self.image_proj(token_vecs), dim=-1)  # (M, E)
         logits = v @ t.T / self.temperature  # (M, M)
         # Two objects with the same concept text are both positives, not false negatives.
-        same = torch.tensor([[a == b for b in concepts] for a in concepts], dtype=torch.float32)
+        same = torch.tensor([[a == b for b in concepts] for a in concepts], dtype=torch.float32, device=dev)
         target = same / same.sum(-1, keepdim=True)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 

@@ -148,6 +148,10 @@ class Setokim(nn.Module):
         self.seg_key = nn.Linear(hidden, hidden)
         self.ids = T.special_ids(tokenizer)
 
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
     # ---- sequences -------------------------------------------------------------------------
     def encode_text(self, s: str) -> list[int]:
         return self.tok(s, add_special_tokens=False)["input_ids"]
@@ -175,6 +179,8 @@ class Setokim(nn.Module):
             sup[i, sl] = torch.tensor(s.supervised)
             mask[i, sl] = 1
         embed = self.llm.get_input_embeddings()
+        # Built on the host, moved once (not a copy per sequence).
+        ids, sup, mask = ids.to(self.device), sup.to(self.device), mask.to(self.device)
         embeds = embed(ids.clamp_min(0))  # (S, L, H); vision and pad slots overwritten / masked
         slots = (ids == -1) & (mask == 1)
         vision = [s.vision for s in seqs if s.vision is not None]
@@ -259,7 +265,7 @@ class Setokim(nn.Module):
         out = self.llm(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, use_cache=True, output_hidden_states=keep_hidden)
         past, mask, pos = out.past_key_values, batch.attention_mask, batch.position_ids[:, -1:]
-        done = torch.zeros(len(seqs), dtype=torch.bool)
+        done = torch.zeros(len(seqs), dtype=torch.bool, device=batch.embeds.device)
         new_ids, hiddens = [[] for _ in seqs], [[] for _ in seqs]
         logits = out.logits[:, -1]
         for _ in range(max_new_tokens):
@@ -312,7 +318,7 @@ class Setokim(nn.Module):
         t_max = self.cfg.max_tokens
         new_ids, hiddens = self.greedy(seqs, t_max + 3, keep_hidden=True)
         d = self.cfg.merger.token_dim
-        tokens = torch.zeros(len(seqs), t_max, d)
+        tokens = torch.zeros(len(seqs), t_max, d, device=self.device)
         counts = torch.zeros(len(seqs), dtype=torch.long)
         for i, (ids, hs) in enumerate(zip(new_ids, hiddens)):
             # hs[j] is the hidden state of fed-back token ids[j]; regress only at <target>.
@@ -341,7 +347,6 @@ class Setokim(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Setokim:
         from safetensors import SafetensorError
-        from safetensors.torch import load_model
 
         path = Path(path)
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -351,9 +356,62 @@ class Setokim(nn.Module):
             cfg = SetokimConfig.from_dict(json.loads((path / "config.json").read_text()))
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}/config.json is not valid JSON ({e})") from None
-        model = cls(cfg, T.load_text_tokenizer(path))
+        from transformers.modeling_utils import no_init_weights
+
+        with no_init_weights():  # every weight is read below (strictly): random init would be wasted time
+            model = cls(cfg, T.load_text_tokenizer(path))
+        model.llm.tie_weights()  # skipped with the init; tied embeddings are stored once
         try:
-            load_model(model, str(path / "model.safetensors"))
+            load_weights(model, path / "model.safetensors")
         except (SafetensorError, RuntimeError, OSError) as e:
             raise CheckpointError(f"{path}/model.safetensors is corrupt or does not match config.json: {str(e).splitlines()[0]}") from None
         return model.eval()
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, file: Path) -> None:
+    """Read a safetensors file straight into `model`'s tensors: peak memory is the model itself.
+
+    safetensors' load_model holds a second full copy (2x for a 1B LLM), and its memory map counts
+    every page it touches in the process's RSS; here each tensor's bytes are read (plain file
+    reads, no map) into the parameter's own storage. Strict: every tensor of the file exists in
+    the model with its shape and dtype; a model tensor absent from the file must share storage
+    with one present (tied embeddings are saved once).
+    """
+    own = model.state_dict()  # detached views of the parameters and persistent buffers
+    total = Path(file).stat().st_size
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= total - 8:
+            raise RuntimeError(f"not a safetensors file (header of {size} bytes in a {total}-byte file)")
+        try:
+            header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+        except (ValueError, AttributeError):
+            raise RuntimeError("not a safetensors file (its header is not a JSON object)") from None
+        unexpected = [n for n in header if n not in own]
+        if unexpected:
+            raise RuntimeError(f"unexpected tensors {unexpected[:3]} (and {max(0, len(unexpected) - 3)} more)")
+        loaded: set[int] = set()
+        for name, info in header.items():
+            target, (begin, end) = own[name], info["data_offsets"]
+            if not 0 <= begin <= end <= total - 8 - size:
+                raise RuntimeError(f"{name}: data offsets {begin}..{end} outside the file")
+            if list(target.shape) != info["shape"] or SAFETENSORS_DTYPES.get(info["dtype"]) != target.dtype:
+                raise RuntimeError(f"{name}: {info['dtype']} {info['shape']} in the file, {target.dtype} "
+                                   f"{list(target.shape)} in the model")
+            f.seek(8 + size + begin)
+            buf = target if target.is_contiguous() else torch.empty_like(target, memory_format=torch.contiguous_format)
+            if buf.numel() and f.readinto(buf.view(-1).view(torch.uint8).numpy()) != end - begin:
+                raise RuntimeError(f"{name}: the file ends inside the tensor")
+            if buf is not target:
+                target.copy_(buf)
+            loaded.add(target.untyped_storage().data_ptr())
+    missing = [n for n, t in own.items() if t.numel() and t.untyped_storage().data_ptr() not in loaded]
+    if missing:
+        raise RuntimeError(f"missing tensors {missing[:3]} (and {max(0, len(missing) - 3)} more)")

@@ -1,5 +1,8 @@
 """The runtime: chains the bundle's stages with no torch import. It reads only the manifest and
-the files it names. Every result carries per-stage timings (seconds)."""
+the files it names. Every result carries per-stage timings (seconds) and, for results about an
+input frame, where the encoder's view lies in that frame (`frame`: `frame_size`, `crop_box`,
+`scale`); masks, boxes and centroids are in the frame's pixels (the encoder-input versions stay
+available as `masks_crop` / `mask_crop`)."""
 
 from __future__ import annotations
 
@@ -7,11 +10,11 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
@@ -20,8 +23,30 @@ from setok.backends.base import Backend
 from setok.backends.decode import Decoder, prefill_feeds
 from setok.backends.onnxrt.session import OrtBackend
 from setok.errors import BundleError, InputError
+from setok.runtime.frame import (
+    MODES,
+    FrameMap,
+    FrameSource,
+    boxes_and_centroids,
+    mask_box,
+    mask_centroid,
+    token_means,
+)
+from setok.runtime.guided import (
+    ConstraintCache,
+    Guide,
+    Structure,
+    TokenIndex,
+    structure,
+)
 from setok.runtime.masks import pixel_owners, token_masks
-from setok.runtime.preprocess import normalize, to_rgb_array
+from setok.runtime.prefix_cache import PrefixCache
+from setok.runtime.preprocess import Prepared, normalize, prepare
+from setok.runtime.sampling import SamplingParams, cut_at_stop, held_back, pick, resolve
+
+if TYPE_CHECKING:
+    import PIL.Image
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +56,54 @@ class Tokens:
     tokens: np.ndarray  # (K, D) exactly num_tokens vision tokens
     assignment: np.ndarray  # (N,) token id per patch
     centers: np.ndarray  # (K,) center patch per token
-    masks: np.ndarray  # (K, H, W) bool: the pixels each token owns
+    masks_crop: np.ndarray  # (K, S, S) bool: the encoder-input pixels each token owns
     timings: dict[str, float] = field(default_factory=dict)
+    source: FrameSource | None = field(default=None, repr=False, compare=False)  # the frame, for frame results
 
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
+
+    @property
+    def frame(self) -> FrameMap:
+        """Where the encoder's input lies in the frame passed in (identity for a size x size array)."""
+        return self.source.frame if self.source is not None else FrameMap.identity(int(self.masks_crop.shape[-1]))
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return self.frame.frame_size
+
+    @property
+    def crop_box(self) -> tuple[float, float, float, float]:
+        return self.frame.crop_box
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        return self.frame.scale
+
+    @property
+    def owners(self) -> np.ndarray:
+        """(H, W) int: the token owning each frame pixel; -1 where the encoder did not see the frame."""
+        if self.source is None:
+            return self.masks_crop.argmax(0)
+        return self.source.owners()
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(K, H, W) bool in frame pixels: the pixels each token owns (borders follow the frame's colours)."""
+        if self.source is None or self.source.frame.is_identity:
+            return self.masks_crop
+        return token_masks(self.owners, self.num_tokens)
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """(K, 4) int [x0, y0, x1, y1) per token in frame pixels (-1: the token covers no frame pixel)."""
+        return boxes_and_centroids(self.owners, self.num_tokens)[0]
+
+    @property
+    def centroids(self) -> np.ndarray:
+        """(K, 2) float (x, y) per token in frame pixels (NaN: the token covers no frame pixel)."""
+        return boxes_and_centroids(self.owners, self.num_tokens)[1]
 
 
 @dataclass
@@ -44,14 +111,45 @@ class Text:
     text: str
     token_ids: list[int]
     timings: dict[str, float] = field(default_factory=dict)
-    complete: bool = True  # False when a deadline cut the decode short
+    complete: bool = True  # False when a deadline or max_new_tokens cut a structured answer short
+    value: Any = None  # a structured answer: the choice, the regex match, the parsed JSON (None: none yet)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    frame: FrameMap | None = None
 
 
 @dataclass
 class Mask:
-    mask: np.ndarray  # (H, W) bool
+    mask: np.ndarray  # (H, W) bool in frame pixels
     selected: np.ndarray  # (K,) bool
     timings: dict[str, float] = field(default_factory=dict)
+    mask_crop: np.ndarray | None = None  # (S, S) bool in the encoder's input
+    frame: FrameMap | None = None
+
+    @property
+    def box(self) -> tuple[int, int, int, int] | None:
+        """[x0, y0, x1, y1) in frame pixels; None for an empty mask."""
+        return mask_box(self.mask)
+
+    @property
+    def centroid(self) -> tuple[float, float] | None:
+        """(x, y) in frame pixels; None for an empty mask."""
+        return mask_centroid(self.mask)
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return self.frame.frame_size if self.frame else (int(self.mask.shape[1]), int(self.mask.shape[0]))
+
+    @property
+    def crop_box(self) -> tuple[float, float, float, float] | None:
+        return self.frame.crop_box if self.frame else None
+
+    @property
+    def scale(self) -> tuple[float, float] | None:
+        return self.frame.scale if self.frame else None
 
 
 @dataclass
@@ -61,18 +159,32 @@ class Image:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+# What every vision method takes: a path, a PIL image, an (H, W[, 3|4]) array, or a Tokens result.
+ImageInput = Union[str, Path, np.ndarray, "PIL.Image.Image", Tokens]
+
+
 class Pipeline:
-    def __init__(self, bundle: Path, manifest: M.Manifest, backend: str, providers, threads, engines: Path | None = None,
-                 spin: bool = True, max_context: int | None = None):
+    def __init__(self, bundle: Path, manifest: M.Manifest, backend: str, providers: list | None, threads: int | None,
+                 engines: Path | None = None, spin: bool = True, max_context: int | None = None,
+                 letterbox: bool | None = None, prefix_cache: int = 16):
         self.bundle, self.manifest, self.backend, self.engines = bundle, manifest, backend, engines
         self.spin = spin
         self.providers, self.threads = providers, threads
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
+        self._closed = False
         cfg = manifest.config
-        self.size = manifest.preprocessing["size"]
+        pre = manifest.preprocessing
+        self.size = pre["size"]
         self.patch = cfg["encoder"]["patch_size"]
         self.grid = self.size // self.patch
+        # How a frame becomes the encoder's square: the manifest's rule (bundles before the field: crop),
+        # or letterbox on request (nothing of the frame is cut off; objects come out smaller).
+        mode = pre.get("mode", "crop") if letterbox is None else ("letterbox" if letterbox else "crop")
+        if mode not in MODES:
+            raise BundleError(f"manifest preprocessing.mode {mode!r}; expected one of {list(MODES)}")
+        self.mode = mode
+        self.fill = tuple(round(float(m) * 255) for m in pre["mean"])  # letterbox padding: the mean colour
         self.max_tokens = manifest.stage("detokenizer").inputs[0].shape[1]
         self.ids = manifest.text["special_ids"]
         # The LLM's context: what the bundle was exported for, capped by the caller (a robot may
@@ -81,25 +193,43 @@ class Pipeline:
         self.prompts = manifest.text["prompts"]
         self.embeddings = np.load(M.inside(bundle, manifest.files["embeddings"]["file"])).astype(np.float32)
         self.tokenizer = _load_tokenizer(M.inside(bundle, manifest.files["tokenizer"]["file"]))
+        # The KV of prompt prefixes (the text before the image), shared by calls asking the same thing.
+        self.prefix_cache = PrefixCache(prefix_cache)
+        self._constraints = ConstraintCache(
+            lambda: TokenIndex(self.tokenizer, int(self.embeddings.shape[0]), int(self.ids["<eos>"])))
 
     @classmethod
     def open(cls, bundle: str | Path, backend: str = "onnxruntime", providers: list | None = None,
-             threads: int | None = None, spin: bool = True, max_context: int | None = None) -> Pipeline:
+             threads: int | None = None, spin: bool = True, max_context: int | None = None, *,
+             letterbox: bool | None = None, prefix_cache: int = 16) -> Pipeline:
         """Open a bundle (backend "onnxruntime") or an engines directory written by `setok build`
-        (backend "tensorrt"): the manifest is read and every file's sha256 checked; sessions are lazy."""
+        (backend "tensorrt"): the manifest is read and every file's sha256 checked; sessions are lazy.
+        `letterbox=True` pads frames to the square instead of cropping them; `prefix_cache` is how
+        many prompt prefixes keep their KV (0: none)."""
         bundle = Path(bundle)
+        if not isinstance(prefix_cache, int) or prefix_cache < 0:
+            raise InputError(f"prefix_cache: got {prefix_cache!r}; expected an integer >= 0 (0: no cache)")
+        extra = {"max_context": max_context, "letterbox": letterbox, "prefix_cache": prefix_cache}
         if backend == "onnxruntime":
-            return cls(bundle, M.load_manifest(bundle), backend, providers, threads, spin=spin, max_context=max_context)
+            return cls(bundle, M.load_manifest(bundle), backend, providers, threads, spin=spin, **extra)
         if backend == "tensorrt":
             if not (bundle / "engines.json").is_file():
                 raise InputError(f"{bundle}: no engines.json; backend 'tensorrt' opens a directory written by `setok build`")
             contract = bundle / "bundle"
             return cls(contract, M.load_manifest(contract, stages=False), backend, providers, threads, engines=bundle,
-                       max_context=max_context)
+                       **extra)
         raise InputError(f"backend {backend!r}; expected 'onnxruntime' or 'tensorrt'")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def stage(self, name: str) -> Backend:
         with self._lock:  # sessions are created once, lazily; ORT sessions are thread-safe to run
+            if self._closed:
+                raise RuntimeError(f"stage {name!r}: this Pipeline is closed; open the bundle again")
             if self.engines is not None:
                 return self._engine(name)
             if name not in self._backends:
@@ -117,33 +247,63 @@ class Pipeline:
         # One engine serves a stage and its alternative forms: it was built from one of them.
         return self._backends[self.manifest.stage(name).serves]
 
-    def warmup(self) -> None:
-        self.caption(np.zeros((self.size, self.size, 3), np.uint8), max_new_tokens=2)
+    def warmup(self) -> dict[str, float]:
+        """Open every stage the default path runs and run each once (encoder, cluster, merger,
+        projector, llm prefill and decode, seg_head, regress_head, detokenizer): the first real
+        call pays no session creation or first-run allocation. Returns the stages' timings."""
+        vt = self.tokenize(np.zeros((self.size, self.size, 3), np.uint8))
+        t = dict(vt.timings)
+        t.update(self.caption(vt, max_new_tokens=2).timings)
+        t.update(self.segment(vt, "object").timings)
+        with timed(t, "detokenizer"):
+            self.reconstruct(vt)
+        for entry in self.manifest.stages:  # what the calls above did not open (the generation head)
+            if entry.form_of is None and entry.name not in self._backends:
+                feeds = {x.name: np.zeros([d if isinstance(d, int) else 1 for d in x.shape], x.dtype) for x in entry.inputs}
+                with timed(t, entry.name):
+                    self.stage(entry.name).run(feeds)
+        return t
+
+    def close(self) -> None:
+        """Release every session (and the prefix cache); the pipeline cannot run after this."""
+        with self._lock:
+            self._closed = True
+            for b in self._backends.values():
+                b.close()
+            self._backends.clear()
+        self.prefix_cache.clear()
 
     # ---- vision -----------------------------------------------------------------------------
-    def tokenize(self, image: Any, cluster_stage: str = "cluster") -> Tokens:
+    def _prepare(self, image: Any) -> Prepared:
+        return prepare(image, self.size, self.mode, self.fill)
+
+    def tokenize(self, image: ImageInput, cluster_stage: str = "cluster") -> Tokens:
         """Image -> exactly num_tokens vision tokens and the pixel mask each one owns."""
+        if isinstance(image, Tokens):
+            return image
         t: dict[str, float] = {}
         with timed(t, "preprocess"):
-            rgb = to_rgb_array(image, self.size)
-            px = normalize(rgb[None], self.manifest.preprocessing["mean"], self.manifest.preprocessing["std"])
-        return self._tokenize_pixels(px, t, cluster_stage)
+            prep = self._prepare(image)
+            px = normalize(prep.rgb[None], self.manifest.preprocessing["mean"], self.manifest.preprocessing["std"])
+        return self._tokenize_all(px, t, cluster_stage, [prep])[0]
 
-    def tokenize_batch(self, images: list) -> list[Tokens]:
+    def tokenize_batch(self, images: Sequence[ImageInput]) -> list[Tokens]:
         """Several images through the vision stages in one batched run each (one Tokens per image;
         each carries the batch's stage timings)."""
         if not images:
             raise InputError("tokenize_batch: got no images; expected at least one")
         t: dict[str, float] = {}
         with timed(t, "preprocess"):
-            rgb = np.stack([to_rgb_array(im, self.size) for im in images])
-            px = normalize(rgb, self.manifest.preprocessing["mean"], self.manifest.preprocessing["std"])
-        return self._tokenize_all(px, t)
+            preps = [self._prepare(im) for im in images]
+            px = normalize(np.stack([p.rgb for p in preps]), self.manifest.preprocessing["mean"],
+                           self.manifest.preprocessing["std"])
+        return self._tokenize_all(px, t, preps=preps)
 
     def _tokenize_pixels(self, px: np.ndarray, t: dict[str, float], cluster_stage: str = "cluster") -> Tokens:
         return self._tokenize_all(px, t, cluster_stage)[0]
 
-    def _tokenize_all(self, px: np.ndarray, t: dict[str, float], cluster_stage: str = "cluster") -> list[Tokens]:
+    def _tokenize_all(self, px: np.ndarray, t: dict[str, float], cluster_stage: str = "cluster",
+                      preps: list[Prepared] | None = None) -> list[Tokens]:
         with timed(t, "encoder"):
             feats = self.stage("encoder").run({M.PIXEL_VALUES: px})[M.PATCH_FEATURES]
         with timed(t, "cluster"):
@@ -158,9 +318,12 @@ class Pipeline:
                                     "kernel was built for fewer patches; rebuild the engines with `setok build`")
             assignment = c[M.ASSIGNMENT][i]
             # each token's cluster at pixel resolution (borders follow colour edges)
-            owners = pixel_owners(assignment, to_unit_rgb(px[i], self.manifest.preprocessing), self.grid, self.patch, k)
-            masks = token_masks(owners, k)
-            out.append(Tokens(tokens[i, :k], assignment, c[M.CENTERS][i, :k], masks, dict(t)))
+            unit = to_unit_rgb(px[i], self.manifest.preprocessing)
+            owners = pixel_owners(assignment, unit, self.grid, self.patch, k)
+            source = None
+            if preps is not None:
+                source = FrameSource(preps[i].frame, owners, token_means(owners, unit, k), preps[i].pixels)
+            out.append(Tokens(tokens[i, :k], assignment, c[M.CENTERS][i, :k], token_masks(owners, k), dict(t), source))
         return out
 
     # ---- language ---------------------------------------------------------------------------
@@ -170,100 +333,160 @@ class Pipeline:
     def _prompt(self, vt: Tokens, template: str, **fields: str) -> tuple[np.ndarray, int]:
         """Embeddings of <bos> before <im_start> V.. <im_end> after (the manifest's prompt template
         filled in): exactly num_tokens vision slots. Returns them and the first vision slot."""
+        _, embeds, first = self._prompt_parts(vt, template, **fields)
+        return embeds, first
+
+    def _prompt_parts(self, vt: Tokens, template: str, **fields: str) -> tuple[list[int], np.ndarray, int]:
+        """`_prompt`, plus the token ids before the vision slots (the prefix cache's key)."""
         t = vt.timings
         with timed(t, "projector"):
             vision = self.stage("projector").run({M.VISION_TOKENS: vt.tokens.astype(np.float32)})[M.EMBEDS]
         before, after = M.split_prompt(template, **fields)
-        head = self.embeddings[[self.ids["<bos>"]] + self._encode(before) + [self.ids["<im_start>"]]]
+        head_ids = [self.ids["<bos>"]] + self._encode(before) + [self.ids["<im_start>"]]
+        head = self.embeddings[head_ids]
         tail = self.embeddings[[self.ids["<im_end>"]] + self._encode(after)]
-        return np.concatenate([head, vision, tail])[None], len(head)  # (1, L, H), first vision slot
+        return head_ids, np.concatenate([head, vision, tail])[None], len(head)  # (1, L, H), first vision slot
 
-    def caption(self, image: Any, max_new_tokens: int = 64, deadline: float | None = None, **sampling) -> Text:
+    def caption(self, image: ImageInput, max_new_tokens: int | None = None, deadline: float | None = None, *,
+                sampling: SamplingParams | None = None, temperature: float | None = None, top_k: int | None = None,
+                top_p: float | None = None, seed: int | None = None, stop: Sequence[str] | str | None = None) -> Text:
         """Describe the image. `deadline` (seconds from now) returns what was decoded by then."""
+        s = resolve(sampling, 64, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    seed=seed, stop=stop)
         due = _due(deadline)
         vt = self._as_tokens(image)
-        embeds, _ = self._prompt(vt, self.prompts["caption"])
-        return self._complete(embeds, vt.timings, max_new_tokens, due, **sampling)
+        head, embeds, _ = self._prompt_parts(vt, self.prompts["caption"])
+        return self._complete(embeds, vt, s, due, head=head)
 
-    def answer(self, image: Any, question: str, max_new_tokens: int = 8, deadline: float | None = None, **sampling) -> Text:
-        """Answer a question about the image (or about a `Tokens` result: encode once, ask many)."""
+    def answer(self, image: ImageInput, question: str, max_new_tokens: int | None = None,
+               deadline: float | None = None, *, sampling: SamplingParams | None = None,
+               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None, stop: Sequence[str] | str | None = None,
+               choices: Sequence[str] | None = None, regex: str | None = None, schema: dict | None = None) -> Text:
+        """Answer a question about the image (or about a `Tokens` result: encode once, ask many).
+
+        At most one of `choices` (the answer is one of these strings), `regex` (the whole answer
+        matches it) or `schema` (a JSON-schema subset: the answer parses as JSON and fits it)
+        constrains the decode token by token; `Text.value` is then the choice, the text or the
+        parsed JSON (None, with complete=False, if max_new_tokens ran out first)."""
+        s = resolve(sampling, 8, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    seed=seed, stop=stop)
+        guided = structure(choices, regex, schema)
         due = _due(deadline)
         question = _check_text(question, "question")
+        guide = self._constraints.get(guided).guide() if guided is not None else None
         vt = self._as_tokens(image)
-        embeds, _ = self._prompt(vt, self.prompts["question"], q=question)
-        return self._complete(embeds, vt.timings, max_new_tokens, due, **sampling)
+        head, embeds, _ = self._prompt_parts(vt, self.prompts["question"], q=question)
+        return self._complete(embeds, vt, s, due, head=head, guide=guide, guided=guided)
 
-    def answer_batch(self, images: list, questions: list[str], max_new_tokens: int = 8) -> list[Text]:
-        """Greedy answers for several (image or Tokens, question) pairs in one batched LLM run:
-        prompts left-padded, one prefill, one decode step per token for the whole batch."""
+    def answer_batch(self, images: Sequence[ImageInput], questions: Sequence[str], max_new_tokens: int | None = None,
+                     *, sampling: SamplingParams | None = None, temperature: float | None = None,
+                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                     stop: Sequence[str] | str | None = None) -> list[Text]:
+        """Answers for several (image or Tokens, question) pairs in one batched LLM run: prompts
+        left-padded, one prefill, one decode step per token for the whole batch. Each row samples
+        with its own generator seeded by `seed`, so row i is what `answer` gives it alone. The
+        Tokens passed in are not modified."""
+        s = resolve(sampling, 8, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    seed=seed, stop=stop)
         if len(images) != len(questions) or not images:
             raise InputError(f"answer_batch: {len(images)} images and {len(questions)} questions; expected equal, >= 1")
         questions = [_check_text(q, "question") for q in questions]
         raw = [i for i, x in enumerate(images) if not isinstance(x, Tokens)]
-        vts = list(images)
+        vts = [self._as_tokens(x) if isinstance(x, Tokens) else None for x in images]  # own timings per call
         for i, vt in zip(raw, self.tokenize_batch([images[i] for i in raw]) if raw else []):
             vts[i] = vt
         prompts = [self._prompt(vt, self.prompts["question"], q=q)[0][0] for vt, q in zip(vts, questions)]
         t: dict[str, float] = {}
-        ids = self._greedy_batch(prompts, max_new_tokens, t)
-        return [Text(self.tokenizer.decode(x, skip_special_tokens=True).strip(), x, {**vt.timings, **t})
-                for x, vt in zip(ids, vts)]
+        ids = self._batch_decode(prompts, s, t)
+        texts = [self._finish(x, s)[0] for x in ids]
+        return [Text(text, x, {**vt.timings, **t}, frame=vt.frame) for text, x, vt in zip(texts, ids, vts)]
 
     def _greedy_batch(self, prompts: list[np.ndarray], max_new_tokens: int, t: dict[str, float]) -> list[list[int]]:
+        return self._batch_decode(prompts, SamplingParams(max_new_tokens=max_new_tokens), t)
+
+    def _batch_decode(self, prompts: list[np.ndarray], s: SamplingParams, t: dict[str, float]) -> list[list[int]]:
+        n = s.max_new_tokens or 8
         length = max(p.shape[0] for p in prompts)
         embeds = np.zeros((len(prompts), length, prompts[0].shape[1]), np.float32)
         mask = np.zeros((len(prompts), length), np.int64)
         for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
             embeds[i, length - p.shape[0]:], mask[i, length - p.shape[0]:] = p, 1
-        if length + max_new_tokens > self.max_context:
-            raise InputError(f"prompt of {length} tokens + {max_new_tokens} new exceeds the context of {self.max_context}")
-        decoder = self.stage("llm").decoder(len(prompts))
+        if length + n > self.max_context:
+            raise InputError(f"prompt of {length} tokens + {n} new exceeds the context of {self.max_context}")
+        rngs = [np.random.default_rng(s.seed) for _ in prompts]
         ids: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(len(prompts), bool)
-        with timed(t, "llm_prefill"):
-            logits, _ = decoder.step(embeds, mask)
-        for _ in range(max_new_tokens):
-            nxt = logits.argmax(-1)
-            for i in np.flatnonzero(~done):
-                done[i] = nxt[i] == self.ids["<eos>"]
-                if not done[i]:
-                    ids[i].append(int(nxt[i]))
-            if done.all():
-                break
-            with timed(t, "llm_decode"):
-                logits, _ = decoder.step(self.embeddings[nxt][:, None])
-        decoder.close()
+        decoder = self.stage("llm").decoder(len(prompts))
+        try:
+            with timed(t, "llm_prefill"):
+                logits, _ = decoder.step(embeds, mask)
+            for _ in range(n):
+                nxt = logits.argmax(-1)
+                for i in np.flatnonzero(~done):
+                    tok = int(nxt[i]) if s.greedy else pick(logits[i], s, rngs[i])
+                    nxt[i] = tok
+                    done[i] = tok == self.ids["<eos>"]
+                    if not done[i]:
+                        ids[i].append(tok)
+                        if s.stop and self._finish(ids[i], s)[1]:
+                            done[i] = True
+                if done.all():
+                    break
+                with timed(t, "llm_decode"):
+                    logits, _ = decoder.step(self.embeddings[nxt][:, None])
+        finally:  # also on an error: the decoder's cache is released
+            decoder.close()
         return ids
 
-    def stream(self, image: Any, question: str | None = None, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
-        """Yield text pieces as they are decoded (a caption, or the answer to `question`)."""
+    def stream(self, image: ImageInput, question: str | None = None, max_new_tokens: int | None = None, *,
+               sampling: SamplingParams | None = None, temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None,
+               stop: Sequence[str] | str | None = None) -> Iterator[str]:
+        """Yield text pieces as they are decoded (a caption, or the answer to `question`); their
+        concatenation is the caption's / answer's text before stripping, cut at a stop string."""
+        s = resolve(sampling, 64, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    seed=seed, stop=stop)
         vt = self._as_tokens(image)
         if question is None:
-            embeds, _ = self._prompt(vt, self.prompts["caption"])
+            head, embeds, _ = self._prompt_parts(vt, self.prompts["caption"])
         else:
-            embeds, _ = self._prompt(vt, self.prompts["question"], q=_check_text(question, "question"))
+            head, embeds, _ = self._prompt_parts(vt, self.prompts["question"], q=_check_text(question, "question"))
         ids: list[int] = []
-        text = ""
-        for tok, _ in self._decode(embeds, vt.timings, max_new_tokens, **sampling):
+        sent = 0
+        for tok, _ in self._decode(embeds, vt.timings, s, head=head):
             ids.append(tok)
-            full = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if full != text:
-                yield full[len(text):]
-                text = full
+            full, stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), s.stop)
+            ready = len(full) if stopped else len(full) - held_back(full, s.stop)
+            if ready > sent:
+                yield full[sent:ready]
+                sent = ready
+            if stopped:
+                return
+        full = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), s.stop)[0]
+        if len(full) > sent:
+            yield full[sent:]
 
     # ---- asyncio -----------------------------------------------------------------------------
-    async def answer_async(self, image: Any, question: str, **kwargs) -> Text:
+    async def answer_async(self, image: ImageInput, question: str, **kwargs: Any) -> Text:
         """`answer` on a worker thread (the pipeline is thread-safe): an event loop stays responsive."""
         import asyncio
 
         return await asyncio.to_thread(self.answer, image, question, **kwargs)
 
-    async def caption_async(self, image: Any, **kwargs) -> Text:
+    async def caption_async(self, image: ImageInput, **kwargs: Any) -> Text:
         import asyncio
 
         return await asyncio.to_thread(self.caption, image, **kwargs)
 
-    async def astream(self, image: Any, question: str | None = None, max_new_tokens: int = 64, **sampling):
+    async def answer_batch_async(self, images: Sequence[ImageInput], questions: Sequence[str],
+                                 **kwargs: Any) -> list[Text]:
+        import asyncio
+
+        return await asyncio.to_thread(self.answer_batch, images, questions, **kwargs)
+
+    async def astream(self, image: ImageInput, question: str | None = None, max_new_tokens: int | None = None,
+                      **kwargs: Any) -> AsyncIterator[str]:
         """Async iterator of text pieces as they are decoded (the decode loop runs on a thread)."""
         import asyncio
 
@@ -273,7 +496,7 @@ class Pipeline:
 
         def produce() -> None:
             try:
-                for piece in self.stream(image, question, max_new_tokens, **sampling):
+                for piece in self.stream(image, question, max_new_tokens, **kwargs):
                     loop.call_soon_threadsafe(queue.put_nowait, piece)
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
                 loop.call_soon_threadsafe(queue.put_nowait, e)
@@ -286,7 +509,8 @@ class Pipeline:
             yield item
         await worker
 
-    def segment(self, image: Any, expression: str) -> Mask:
+    def segment(self, image: ImageInput, expression: str) -> Mask:
+        """The pixels the expression refers to: `mask` in frame pixels, `mask_crop` in the encoder's."""
         expression = _check_text(expression, "expression")
         vt = self._as_tokens(image)
         embeds, first = self._prompt(vt, self.prompts["refer"], e=expression)
@@ -298,8 +522,12 @@ class Pipeline:
             logits = self.stage("seg_head").run({M.QUERY_HIDDEN: hidden[:, -1],
                                                  M.TOKEN_HIDDEN: hidden[:, first:first + vt.num_tokens]})[M.SEG_LOGITS]
         selected = logits[0] > 0
-        mask = vt.masks[selected].any(0) if selected.any() else np.zeros((self.size, self.size), bool)
-        return Mask(mask, selected, t)
+        crop = vt.masks_crop[selected].any(0) if selected.any() else np.zeros(vt.masks_crop.shape[1:], bool)
+        if vt.source is None or vt.frame.is_identity:
+            mask = crop
+        else:
+            mask = np.isin(vt.owners, np.flatnonzero(selected))
+        return Mask(mask, selected, t, crop, vt.frame)
 
     def generate_image(self, prompt: str) -> Image:
         """Text -> vision tokens at the LLM's <target> slots -> detokenizer; the LLM picks the count."""
@@ -307,7 +535,8 @@ class Pipeline:
         t: dict[str, float] = {}
         ids = [self.ids["<bos>"]] + self._encode(self.prompts["draw"].format(c=prompt))
         embeds = self.embeddings[ids][None]
-        slots = [h for tok, h in self._decode(embeds, t, self.max_tokens + 3) if tok == self.ids["<target>"]]
+        s = SamplingParams(max_new_tokens=self.max_tokens + 3)
+        slots = [h for tok, h in self._decode(embeds, t, s) if tok == self.ids["<target>"]]
         slots = slots[: self.max_tokens]
         tokens = np.zeros((1, self.max_tokens, self.vision_token_dim), np.float32)
         if slots:
@@ -330,7 +559,7 @@ class Pipeline:
         return int(self.manifest.stage("detokenizer").inputs[0].shape[2])
 
     # ---- decoding ---------------------------------------------------------------------------
-    def _as_tokens(self, image: Any) -> Tokens:
+    def _as_tokens(self, image: ImageInput) -> Tokens:
         """Encode once, ask many: a Tokens result is reused as is."""
         if isinstance(image, Tokens):
             return dataclasses.replace(image, timings=dict(image.timings))  # own timings per call
@@ -344,54 +573,79 @@ class Pipeline:
         """The backend's own KV-cache decoder (cache kept where its tensors live)."""
         return self.stage("llm").decoder(1)
 
-    def _decode(self, embeds: np.ndarray, t: dict[str, float], max_new_tokens: int,
-                temperature: float = 0.0, top_k: int = 0, seed: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def _prefill(self, decoder: Decoder, embeds: np.ndarray, head: list[int] | None, info: dict) -> np.ndarray:
+        """The prompt's prefill; with `head` (the token ids before the image), its KV comes from the
+        prefix cache when an earlier call left it there, and is left there otherwise."""
+        usable = head and self.prefix_cache.max_entries > 0 and hasattr(decoder, "snapshot") and len(head) < embeds.shape[1]
+        if not usable:
+            return decoder.step(embeds)[0]
+        key = tuple(int(i) for i in head)
+        state = self.prefix_cache.get(key)
+        if state is None:
+            decoder.step(embeds[:, : len(key)])
+            self.prefix_cache.put(key, decoder.snapshot())
+        else:
+            decoder.restore(state)
+            info["cached_tokens"] = len(key)
+        return decoder.step(embeds[:, len(key):])[0]
+
+    def _decode(self, embeds: np.ndarray, t: dict[str, float], s: SamplingParams, guide: Guide | None = None,
+                head: list[int] | None = None, info: dict | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (token id, hidden state of that token once fed back); greedy when temperature == 0."""
-        if not 1 <= max_new_tokens <= 4096:
-            raise InputError(f"max_new_tokens={max_new_tokens}; expected 1..4096")
+        n = s.max_new_tokens or 64
         limit = self.max_context
-        if embeds.shape[1] + max_new_tokens > limit:
-            raise InputError(f"prompt of {embeds.shape[1]} tokens + {max_new_tokens} new exceeds the context of {limit}")
-        rng = np.random.default_rng(seed)
+        if embeds.shape[1] + n > limit:
+            raise InputError(f"prompt of {embeds.shape[1]} tokens + {n} new exceeds the context of {limit}")
+        rng = np.random.default_rng(s.seed)
+        info = {} if info is None else info
         decoder = self._decoder()
         try:
             with timed(t, "llm_prefill"):
-                logits, _ = decoder.step(embeds)
-            for _ in range(max_new_tokens):
-                tok = _pick(logits[0], temperature, top_k, rng)
+                logits = self._prefill(decoder, embeds, head, info)
+            for _ in range(n):
+                tok = pick(logits[0], s, rng, guide.allowed() if guide is not None else None)
                 if tok == self.ids["<eos>"]:
                     return
+                if guide is not None:
+                    guide.advance(tok)
                 with timed(t, "llm_decode"):
                     logits, hidden = decoder.step(self.embeddings[[tok]][None])
                 yield tok, hidden[0]
         finally:  # also when the caller stops early (a deadline, a closed stream)
             decoder.close()
 
-    def _complete(self, embeds: np.ndarray, t: dict[str, float], max_new_tokens: int, due: float | None,
-                  **sampling) -> Text:
+    def _finish(self, ids: list[int], s: SamplingParams) -> tuple[str, bool]:
+        """Decoded, stripped text cut before the first stop string, and whether one was found."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if not s.stop:
+            return text.strip(), False
+        cut, stopped = cut_at_stop(text.strip(), s.stop)
+        return cut.strip(), stopped
+
+    def _complete(self, embeds: np.ndarray, vt: Tokens, s: SamplingParams, due: float | None,
+                  head: list[int] | None = None, guide: Guide | None = None, guided: Structure | None = None) -> Text:
         ids: list[int] = []
-        complete = True
-        for tok, _ in self._decode(embeds, t, max_new_tokens, **sampling):
+        complete, info = True, {}
+        for tok, _ in self._decode(embeds, vt.timings, s, guide, head, info):
             ids.append(tok)
+            if s.stop and self._finish(ids, s)[1]:
+                break
             if due is not None and time.monotonic() >= due:
                 complete = False  # checked between tokens: a step in flight is never abandoned
                 break
-        return Text(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, t, complete)
-
-    def close(self) -> None:
-        for b in self._backends.values():
-            b.close()
-        self._backends.clear()
+        text, stopped = self._finish(ids, s)
+        value = None
+        if guide is not None:
+            if guide.accepting and not stopped:
+                value = guided.value(text)
+            else:
+                complete = False
+        return Text(text, ids, vt.timings, complete, value, info.get("cached_tokens", 0), vt.frame)
 
 
 def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    if top_k > 0:
-        z[np.argsort(z)[:-top_k]] = -np.inf
-    p = np.exp(z - z.max())
-    return int(rng.choice(len(p), p=p / p.sum()))
+    """The sampler with the old positional arguments (kept for callers of the private name)."""
+    return pick(logits, SamplingParams(temperature=temperature, top_k=top_k), rng)
 
 
 def _due(deadline: float | None) -> float | None:

@@ -6,37 +6,58 @@ InputError whose one-line message names the file and what was expected.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from setok.errors import InputError
+from setok.runtime.frame import MODES, FrameMap
 
 MAX_PIXELS = 40_000_000  # refuse decompression bombs before decoding
 # Modes whose values are not 8-bit: PIL's convert("RGB") would clip them to white.
 _WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 
 
+@dataclass
+class Prepared:
+    """One frame made ready for the encoder, and how it maps back."""
+
+    rgb: np.ndarray  # (size, size, 3) uint8: the encoder's input
+    frame: FrameMap  # where that square lies in the frame
+    pixels: np.ndarray  # (H, W, 3) uint8: the frame itself (EXIF-rotated, RGB)
+
+
 def to_rgb_array(image: Any, size: int) -> np.ndarray:
     """Any supported image -> (size, size, 3) uint8: EXIF-rotated, RGB, shorter side resized, center-cropped."""
+    return prepare(image, size).rgb
+
+
+def prepare(image: Any, size: int, mode: str = "crop", fill: tuple[int, int, int] = (0, 0, 0)) -> Prepared:
+    """Any supported image -> the encoder's square input, its `FrameMap` and the frame's pixels.
+    `mode` "crop" (shorter side resized, centre crop) or "letterbox" (longer side resized, padded
+    with `fill`)."""
     from PIL import Image
 
+    if mode not in MODES:
+        raise InputError(f"preprocessing mode {mode!r}; expected one of {list(MODES)}")
     if isinstance(image, (str, Path)):
-        return load_image(image, size)
+        return load_frame(image, size, mode, fill)
     if isinstance(image, np.ndarray):
         if image.ndim in (2, 3) and image.shape[:2] == (size, size) and image.dtype == np.uint8:
             # Already the encoder's size: resize and crop are the identity, so skip PIL entirely
             # (a camera loop feeding (size, size, 3) frames pays no conversion).
             rgb = np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3]
             if rgb.shape[-1] == 3:
-                return np.ascontiguousarray(rgb)
+                rgb = np.ascontiguousarray(rgb)
+                return Prepared(rgb, FrameMap.identity(size), rgb)
         image = _array_to_pil(image)
     if not isinstance(image, Image.Image):
         raise InputError(f"image: got {type(image).__name__}; expected a path, a PIL image or a numpy array")
     if image.width * image.height > MAX_PIXELS:
         raise InputError(f"image: {image.width}x{image.height} is over {MAX_PIXELS} pixels; refusing it")
-    return fit_image(image, size)
+    return fit_frame(image, size, mode, fill)
 
 
 def _array_to_pil(arr: np.ndarray):
@@ -95,16 +116,30 @@ def _resize_crop(im, size: int):
     """Shorter side to `size` (bicubic), then the centered size x size crop."""
     from PIL import Image
 
-    w, h = im.size
-    s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    fm = FrameMap.crop(im.width, im.height, size)
+    nw, nh = fm.resized
     im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
+    left, top = fm.offset
     return im.crop((left, top, left + size, top + size))
+
+
+def _letterbox(im, size: int, fill: tuple[int, int, int]):
+    """Longer side to `size` (bicubic), centred on a size x size square of `fill`."""
+    from PIL import Image
+
+    fm = FrameMap.letterbox(im.width, im.height, size)
+    square = Image.new("RGB", (size, size), tuple(int(v) for v in fill))
+    square.paste(im.resize(fm.resized, Image.Resampling.BICUBIC), (-fm.offset[0], -fm.offset[1]))
+    return square
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
     """RGB uint8 (size, size, 3) from any image file PIL reads."""
+    return load_frame(path, size).rgb
+
+
+def load_frame(path: str | Path, size: int, mode: str = "crop", fill: tuple[int, int, int] = (0, 0, 0)) -> Prepared:
+    """`prepare` for an image file: every problem with the file is an InputError naming it."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(size, (int, np.integer)) or size < 1:
@@ -119,7 +154,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
             w, h = im.size  # header only: Image.open is lazy, so this check precedes decoding
             if w * h > MAX_PIXELS:
                 raise InputError(f"{p}: image is {w}x{h} = {w * h} pixels; at most {MAX_PIXELS} are allowed")
-            return fit_image(im, size)
+            return fit_frame(im, size, mode, fill)
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise InputError(f"{p}: not a readable image ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
@@ -132,3 +167,13 @@ def fit_image(im, size: int) -> np.ndarray:
     from PIL import ImageOps
 
     return np.asarray(_resize_crop(_to_rgb(ImageOps.exif_transpose(im)), size), dtype=np.uint8)
+
+
+def fit_frame(im, size: int, mode: str = "crop", fill: tuple[int, int, int] = (0, 0, 0)) -> Prepared:
+    """An opened PIL image -> `Prepared`: EXIF orientation, RGB, then the crop or the letterbox."""
+    from PIL import ImageOps
+
+    rgb_im = _to_rgb(ImageOps.exif_transpose(im))
+    square = _resize_crop(rgb_im, size) if mode == "crop" else _letterbox(rgb_im, size, fill)
+    return Prepared(np.asarray(square, dtype=np.uint8), FrameMap.of(mode, rgb_im.width, rgb_im.height, size),
+                    np.asarray(rgb_im, dtype=np.uint8))

@@ -326,6 +326,8 @@ def create_app(pipe: Pipeline, model: str, options: ServeOptions = ServeOptions(
 
     @app.exception_handler(SetokError)
     async def user_error(request, e: SetokError):
+        if not isinstance(e, (InputError, Busy, Unauthorized)):  # a bad deployment (BundleError): the log keeps why
+            log.error("%s %s failed: %s", request.method, request.url.path, e)
         return error_response(e)
 
     @app.exception_handler(HTTPException)

@@ -134,7 +134,8 @@ def _engine_stages(engines_dir: Path, bundle: Path, skipped: dict[str, str]) -> 
 
     em = load_engines_manifest(engines_dir)  # verifies every plan's sha256
     if em.bundle_manifest_sha256 != M.sha256(bundle / M.MANIFEST):
-        raise InputError(f"{engines_dir} was built from another bundle than {bundle} (manifest sha256 differs)")
+        raise M.BundleError(f"{engines_dir} was built from another bundle than {bundle} (manifest sha256 differs); "
+                            "pass the bundle it was built from, or rebuild with `setok build`")
     served = {}
     for e in em.engines:
         if e.plugin:
@@ -266,6 +267,9 @@ def pipeline_settings(manifest: M.Manifest) -> dict:
     past = [{"name": s.name, "present": present[s.name], "heads": int(s.shape[1]), "head_dim": int(s.shape[3])}
             for s in llm.inputs if s.name in present]
     standard = [s.name for s in manifest.forms("cluster") if not s.custom_op]
+    if not standard:
+        raise M.BundleError(f"bundle has no standard-op form of the cluster stage (its forms "
+                            f"{[s.name for s in manifest.forms('cluster')]} all need a custom op); re-export the bundle")
     return {
         "setok_version": manifest.setok_version, "size": pre["size"], "mean": pre["mean"], "std": pre["std"],
         "special_ids": text["special_ids"], "question_prompt": text["prompts"]["question"],

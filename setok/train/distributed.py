@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 class Dist:
     rank: int = 0
     world: int = 1
+    local_rank: int = 0
+    comm: str = "cpu"  # where collective tensors live: NCCL reduces CUDA tensors only
 
     @property
     def main(self) -> bool:
@@ -32,18 +34,21 @@ class Dist:
         return self.world > 1
 
 
-def init_from_env() -> Dist:
-    """torchrun sets WORLD_SIZE / RANK / MASTER_ADDR; without them this is one process."""
+def init_from_env(device: str = "cpu") -> Dist:
+    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK / MASTER_ADDR; without them this is one
+    process. Ranks training on CUDA talk over NCCL, on the CPU over gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     import torch.distributed as dist
 
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend=backend)
         log.info("rank %d of %d (%s)", dist.get_rank(), world, backend)
-    return Dist(dist.get_rank(), dist.get_world_size())
+    return Dist(dist.get_rank(), dist.get_world_size(), local, f"cuda:{local}" if cuda else "cpu")
 
 
 def shard(items: list, d: Dist) -> list:
@@ -115,7 +120,7 @@ def mean_scalar(value: float, d: Dist) -> float:
         return value
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=d.comm)
     dist.all_reduce(t)
     return float(t[0]) / d.world
 
@@ -126,7 +131,7 @@ def sum_counts(counts: dict[str, int], names: tuple[str, ...], d: Dist) -> dict[
         return {n: counts.get(n, 0) for n in names}
     import torch.distributed as dist
 
-    t = torch.tensor([counts.get(n, 0) for n in names], dtype=torch.float64)
+    t = torch.tensor([counts.get(n, 0) for n in names], dtype=torch.float64, device=d.comm)
     dist.all_reduce(t)
     return {n: int(v) for n, v in zip(names, t.tolist())}
 
@@ -137,7 +142,7 @@ def agree(flag: bool, d: Dist) -> bool:
         return flag
     import torch.distributed as dist
 
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([int(flag)], device=d.comm)
     dist.broadcast(t, src=0)
     return bool(t[0])
 

@@ -21,23 +21,24 @@ from setok.model.losses import patch_labels
 
 @torch.no_grad()
 def calibrate_tau(vision, items, cfg: SetokimConfig, candidates: int = 48) -> float:
-    px = preprocess(torch.from_numpy(np.stack([it.image for it in items])), cfg.encoder)
+    dev = next(vision.parameters(), torch.empty(0)).device  # a parameter-free encoder runs on the CPU
+    px = preprocess(torch.from_numpy(np.stack([it.image for it in items])).to(dev), cfg.encoder)
     features = vision.encoder(px)
     d, score = density_peaks(features, cfg.cluster.k)
     masks = torch.from_numpy(np.stack([it.instance_mask for it in items]))
     labels = patch_labels(masks, cfg.encoder.patch_size).numpy()
     objects = [it.num_objects for it in items]
-    taus = np.quantile(score.numpy(), np.linspace(0.80, 0.998, candidates))
+    taus = np.quantile(score.cpu().numpy(), np.linspace(0.80, 0.998, candidates))
     best, best_value = cfg.cluster.tau, -np.inf
     limit = cfg.encoder.num_patches / 8
     for tau in taus:
         ccfg = dataclasses.replace(cfg.cluster, tau=float(tau))
         centers = select_centers(score, ccfg)
         assignment, _ = assign(d, centers)
-        counts = centers.sum(-1).numpy()
+        counts = centers.sum(-1).cpu().numpy()
         if counts.mean() > limit:
             continue
-        ari = np.mean([fg_ari(a, l) for a, l in zip(assignment.numpy(), labels)])
+        ari = np.mean([fg_ari(a, l) for a, l in zip(assignment.cpu().numpy(), labels)])
         value = ari + 0.25 * spearman(counts, objects)
         if value > best_value:
             best, best_value = float(tau), value

@@ -8,6 +8,7 @@ run killed and resumed with `--resume` sees exactly the batches the uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -87,6 +88,35 @@ class TrainOptions:
     # Stage 2 also trains merger + detokenizer (clusters fixed: the encoder stays frozen), so the
     # LLM's losses shape what a token carries; reconstruction keeps the detokenizer in step.
     tune_merger: bool = False
+    # Where the steps run: "cpu", "cuda" / "cuda:N" or "auto"; under torchrun each rank takes
+    # cuda:LOCAL_RANK. bf16 autocasts the forward passes (weights and optimizer stay float32).
+    device: str = "cpu"
+    precision: str = "fp32"
+
+
+def train_device(name: str, dist: Dist) -> torch.device:
+    """The device the steps run on; a CUDA request without a visible GPU is the user's error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise InputError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {name}: torch {torch.__version__} sees no CUDA device; expected cpu or auto here")
+    if name == "cuda" and dist.active:
+        name = f"cuda:{dist.local_rank}"  # one GPU per torchrun rank
+    dev = torch.device(name)
+    if (dev.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    if precision not in ("fp32", "bf16"):
+        raise InputError(f"--precision {precision}: expected fp32 or bf16")
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def stage_steps(opts: TrainOptions) -> tuple[int, int]:
@@ -118,7 +148,7 @@ def train(opts: TrainOptions) -> Path:
                else T.train_text_tokenizer(stream.corpus() + prompt_words(), cfg.llm.vocab_size))
         model = Setokim(cfg, tok, pretrained=True)
         state = {"stage": 1, "step": 0, "elapsed": 0.0}
-    trainer = Trainer(model, opts, stream, state, init_from_env())
+    trainer = Trainer(model, opts, stream, state, init_from_env(opts.device))
     trainer.run()
     return opts.out
 
@@ -158,11 +188,14 @@ def _load_state(opts: TrainOptions) -> dict | None:
 class Trainer:
     def __init__(self, model: Setokim, opts: TrainOptions, stream, state: dict, dist: Dist | None = None):
         self.model, self.opts, self.stream, self.state, self.dist = model, opts, stream, state, dist or Dist()
+        self.device = train_device(opts.device, self.dist)
+        self.amp = autocast_dtype(opts.precision)
+        self.model.to(self.device)
         self.cfg: SetokimConfig = model.cfg
         self.steps = stage_steps(opts)
         self.batch = opts.batch_size or PRESET_BATCH[opts.preset]
         self.lr = PRESET_LR[opts.preset]
-        self.concept = ConceptContrast(self.cfg.merger.token_dim, len(model.tok))
+        self.concept = ConceptContrast(self.cfg.merger.token_dim, len(model.tok)).to(self.device)
         self.opt = self._optimizer(state["stage"])
         if state["step"] > 0 or state["stage"] > 1:
             self._load_optimizer()
@@ -238,17 +271,27 @@ class Trainer:
         if step > 0 and step % max(1, self.steps[0] // 4) == 0:
             self._calibrate()  # keep tau matched to the moving features
         items = shard(self.stream.batch(step, self.batch), self.dist)
-        px = preprocess(torch.from_numpy(np.stack([it.image for it in items])), self.cfg.encoder)
-        vt = self.model.vision(px)
-        losses = {"recon": torch.nn.functional.mse_loss(self.model.vision.reconstruct(vt), px)}
-        if self.stream.has_masks:
-            masks = torch.from_numpy(np.stack([it.instance_mask for it in items]))
-            labels = patch_labels(masks, self.cfg.encoder.patch_size)
-            losses["group"] = grouping_loss(vt.content, labels)
-            losses["concept"] = self._concept_loss(vt, items, labels)
-        else:
-            losses["concept"] = self._caption_contrast(vt, items)
+        px = self._pixels(items)
+        with self._autocast():
+            vt = self.model.vision(px)
+            losses = {"recon": torch.nn.functional.mse_loss(self.model.vision.reconstruct(vt).float(), px)}
+            if self.stream.has_masks:
+                masks = torch.from_numpy(np.stack([it.instance_mask for it in items])).to(self.device)
+                labels = patch_labels(masks, self.cfg.encoder.patch_size)
+                losses["group"] = grouping_loss(vt.content, labels)
+                losses["concept"] = self._concept_loss(vt, items, labels)
+            else:
+                losses["concept"] = self._caption_contrast(vt, items)
         return self._apply(losses)
+
+    def _pixels(self, items: list[TrainItem]) -> torch.Tensor:
+        images = torch.from_numpy(np.stack([it.image for it in items]))  # (B, H, W, 3) uint8 on the host
+        return preprocess(images.to(self.device, non_blocking=True), self.cfg.encoder)
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
 
     def _concept_loss(self, vt, items: list[TrainItem], labels: torch.Tensor) -> torch.Tensor:
         owners = owner_tokens(vt.clusters.assignment, labels, [len(it.concepts) for it in items])
@@ -268,7 +311,7 @@ class Trainer:
 
     def _caption_contrast(self, vt, items: list[TrainItem]) -> torch.Tensor:
         """Without masks, the whole caption is the concept of the mean token of the image."""
-        valid = (torch.arange(vt.tokens.shape[1]) < vt.clusters.num_tokens.unsqueeze(1)).float()
+        valid = (torch.arange(vt.tokens.shape[1], device=vt.tokens.device) < vt.clusters.num_tokens.unsqueeze(1)).float()
         pooled = (vt.tokens * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True)
         names = [it.caption for it in items]
         return self._contrast(pooled, [self.model.encode_text(n) for n in names], names)
@@ -276,22 +319,24 @@ class Trainer:
     # ---- stage 2 ---------------------------------------------------------------------------
     def step_stage2(self, step: int) -> dict[str, float]:
         indexed = shard(list(enumerate(self.stream.batch(self.steps[0] + step, self.batch))), self.dist)
-        items = [it for _, it in indexed]
-        px = preprocess(torch.from_numpy(np.stack([it.image for it in items])), self.cfg.encoder)
+        px = self._pixels([it for _, it in indexed])
         extra = {}
-        if self.opts.tune_merger:
-            vt = self.model.vision(px, encoder_grad=False)
-            extra["recon"] = torch.nn.functional.mse_loss(self.model.vision.reconstruct(vt), px)
-        else:
-            with torch.no_grad():
-                vt = self.model.vision(px)
-        seqs = []
-        for i, (g, it) in enumerate(indexed):
-            k = int(vt.clusters.num_tokens[i])
-            # One generator per image of the global batch: the same draws however it is sharded.
-            rng = random.Random((self.opts.seed * 1_000_003 + step) * 10_007 + g)
-            seqs += task_sequences(self.model, it, vt.tokens[i, :k], vt.clusters.assignment[i], rng)
-        return self._apply({**self._global_means(seqs), **extra})
+        with self._autocast():
+            if self.opts.tune_merger:
+                vt = self.model.vision(px, encoder_grad=False)
+                extra["recon"] = torch.nn.functional.mse_loss(self.model.vision.reconstruct(vt).float(), px)
+            else:
+                with torch.no_grad():
+                    vt = self.model.vision(px)
+            counts = vt.clusters.num_tokens.tolist()
+            assignment = vt.clusters.assignment.cpu()  # the per-image bookkeeping runs on the host
+            seqs = []
+            for i, (g, it) in enumerate(indexed):
+                # One generator per image of the global batch: the same draws however it is sharded.
+                rng = random.Random((self.opts.seed * 1_000_003 + step) * 10_007 + g)
+                seqs += task_sequences(self.model, it, vt.tokens[i, : counts[i]], assignment[i], rng)
+            losses = {**self._global_means(seqs), **extra}
+        return self._apply(losses)
 
     def _global_means(self, seqs) -> dict[str, torch.Tensor]:
         """Each rank's loss sum over the global count, times the world size: averaged gradients
@@ -373,13 +418,13 @@ def task_sequences(model: Setokim, it: TrainItem, tokens: torch.Tensor, assignme
     if it.referring:
         expr, mask = rng.choice(it.referring)
         s = model.prompt(tokens, REFER_PROMPT, e=expr)
-        s.seg_labels = token_labels(mask, assignment, tokens.shape[0], model.cfg.encoder.patch_size)
+        s.seg_labels = token_labels(mask, assignment, tokens.shape[0], model.cfg.encoder.patch_size).to(tokens.device)
         seqs.append(s)
     k = tokens.shape[0]
     gen = model.generation_prefix(it.caption)
     gen.add([model.ids[T.IM_START]] + [model.ids[T.TARGET]] * k + [model.ids[T.IM_END]] + eos, True)
     order = generation_order(it, assignment, k, model.cfg.encoder.patch_size)
-    gen.targets = tokens[order].detach()  # a target, not a path for gradients into the merger
+    gen.targets = tokens[order.to(tokens.device)].detach().float()  # a target, not a path for gradients into the merger
     seqs.append(gen)
     return seqs
 

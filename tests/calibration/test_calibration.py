@@ -222,15 +222,87 @@ def test_task_gate_reverts_int8_stages_upstream_first(tiny_bundle, tmp_path):
     assert not list((tmp_path / "b").glob("*.int8.onnx"))
 
 
-def test_task_gate_passes_on_the_tiny_bundle(tiny_bundle, tmp_path):
-    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["projector"], speed_gate=False, task_gate=4)
+def test_task_gate_keeps_int8_when_every_gate_holds(tiny_bundle, tmp_path):
+    """Constructed to pass: gates no drop can exceed. The stage must stay INT8, nothing reverted."""
+    from setok.calibration.gate import TASK_GATES
+
+    rep = calibrate_bundle(tiny_bundle, tmp_path / "b", n=8, stages=["projector"], speed_gate=False, task_gate=4,
+                           task_gates={k: math.inf for k in TASK_GATES})
     gate = rep["task_gate"]
-    assert set(gate["fp32"]) == {"vqa_accuracy", "caption_exact", "fg_ari", "refseg_miou", "recon_psnr", "gen_psnr"}
+    assert gate["passed"] is True and gate["reverted"] == []
+    assert set(gate["fp32"]) == set(gate["int8"]) == set(TASK_GATES)
     entry = M.load_manifest(tmp_path / "b").stage("projector")
-    if gate["passed"] and not gate["reverted"]:
-        assert entry.precision == "int8" and gate["fp32"].keys() == gate["int8"].keys()
-    else:  # the gate caught a drop: the stage went back to fp32 and the manifest says which metric
-        assert entry.precision == "fp32" and entry.extra["kept_float"].startswith("task gate: ")
+    assert entry.precision == "int8" and "kept_float" not in entry.extra
+
+
+def _gate(tiny_bundle, tmp_path, monkeypatch, drop: float, broken_by: tuple[str, ...] | None):
+    """The task gate on a constructed case: a candidate whose encoder, merger and projector are INT8
+    (copies of the fp32 graphs), and an evaluation that drops fg_ari by `drop` while a stage of
+    `broken_by` is still INT8 in the manifest the gate rewrites (always, with None)."""
+    import shutil
+    from pathlib import Path
+
+    import setok.eval.evaluation as EV
+    from setok.calibration.gate import TASK_GATES, apply_task_gate
+
+    cand = tmp_path / "cand"
+    shutil.copytree(tiny_bundle, cand)
+    manifest = M.load_manifest(cand)
+    for e in manifest.stages:
+        if e.name in ("encoder", "merger", "projector"):
+            shutil.copy(cand / e.file, cand / f"{e.name}.int8.onnx")
+            e.file, e.precision = f"{e.name}.int8.onnx", "int8"
+            e.sha256 = M.sha256(cand / e.file)
+    manifest.write(cand)
+    ref = {k: 0.5 for k in TASK_GATES}
+    calls = []
+
+    def evaluate(bundle, n, seed):
+        calls.append(Path(bundle))
+        if Path(bundle) == Path(tiny_bundle):
+            return dict(ref)
+        m = M.load_manifest(bundle)  # verifies what the gate wrote, and the metrics follow it
+        broken = broken_by is None or any(m.stage(s).precision == "int8" for s in broken_by)
+        return {**ref, "fg_ari": ref["fg_ari"] - (drop if broken else 0.0)}
+
+    monkeypatch.setattr(EV, "evaluate_bundle", evaluate)
+    report = apply_task_gate(tiny_bundle, cand, manifest, 4)
+    return report, M.load_manifest(cand), calls
+
+
+def test_task_gate_passes_a_drop_within_the_allowance(tiny_bundle, tmp_path, monkeypatch):
+    from setok.calibration.gate import TASK_GATES
+
+    report, m, calls = _gate(tiny_bundle, tmp_path, monkeypatch, TASK_GATES["fg_ari"] / 2, ("merger",))
+    assert report["passed"] is True and report["reverted"] == []
+    assert [m.stage(s).precision for s in ("encoder", "merger", "projector")] == ["int8"] * 3
+    assert len(calls) == 2, "the reference and the candidate, evaluated once each"
+
+
+def test_task_gate_reverts_upstream_first_until_the_drop_is_gone(tiny_bundle, tmp_path, monkeypatch):
+    """The merger's INT8 costs 0.05 fg_ari (allowed 0.02): the encoder goes back first (upstream),
+    then the merger; the gate then holds and the projector stays INT8."""
+    report, m, calls = _gate(tiny_bundle, tmp_path, monkeypatch, 0.05, ("merger",))
+    assert report["passed"] is True and [r["stage"] for r in report["reverted"]] == ["encoder", "merger"]
+    assert [m.stage(s).precision for s in ("encoder", "merger", "projector")] == ["fp32", "fp32", "int8"]
+    assert m.stage("merger").file == "merger.onnx" and not (tmp_path / "cand" / "merger.int8.onnx").exists()
+    assert m.stage("merger").extra["kept_float"] == "task gate: fg_ari 0.5000 -> 0.4500 (drop 0.0500 > 0.02)"
+    assert report["int8"]["fg_ari"] == 0.5 and len(calls) == 4
+
+
+def test_task_gate_fails_when_reverting_everything_does_not_help(tiny_bundle, tmp_path, monkeypatch):
+    report, m, _ = _gate(tiny_bundle, tmp_path, monkeypatch, 0.05, None)
+    assert report["passed"] is False
+    assert [r["stage"] for r in report["reverted"]] == ["encoder", "merger", "projector"]
+    assert all(s.precision == "fp32" for s in m.stages)
+
+
+def test_task_gate_boundary():
+    from setok.calibration.gate import misses
+
+    assert misses({"a": 1.0}, {"a": 0.75}, {"a": 0.25}) == []  # a drop equal to the allowance passes
+    assert misses({"a": 1.0}, {"a": 0.5}, {"a": 0.25}) == ["a 1.0000 -> 0.5000 (drop 0.5000 > 0.25)"]
+    assert misses({"a": 1.0}, {"a": 2.0}, {"a": 0.0}) == []  # a gain is never a miss
 
 
 def test_dynamic_quantizer_writes_a_cpu_int8_bundle_tensorrt_refuses(tiny_bundle, tmp_path):

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 
@@ -26,6 +27,15 @@ def test_bench_compare_schema(tiny_ckpt, tiny_bundle, tmp_path):
         assert {"encoder", "cluster", "merger", "llm_prefill"} <= set(t["stages"])
         assert all(v["p90_ms"] >= v["median_ms"] >= 0 for v in t["stages"].values())
     assert r["targets"][0]["tokens_per_image"] == r["targets"][1]["tokens_per_image"], "same clustering both sides"
+    # The memory-bandwidth bound of decode: this machine's copy bandwidth over each target's LLM weight bytes.
+    assert r["copy_bandwidth_gbs"] > 0
+    for t in r["targets"]:
+        assert t["weight_mb_per_token"] > 0 and "open_rss_mb" in t
+        assert t["bound_tokens_per_s"] == pytest.approx(r["copy_bandwidth_gbs"] * 1e9 / (t["weight_mb_per_token"] * 2**20), rel=1e-3)
+        if t["decode_tokens_per_s"]:  # (the PyTorch target times prefill and decode as one: no decode rate)
+            assert t["fraction_of_bound"] == pytest.approx(t["decode_tokens_per_s"] / t["bound_tokens_per_s"])
+        else:
+            assert t["fraction_of_bound"] is None
     assert Image.open(png).size[0] == 640
 
 

@@ -19,7 +19,7 @@ def test_dry_run_lists_every_check_and_what_is_missing(tmp_path, monkeypatch):
     report = json.loads(result.output)
     assert report["dry_run"] and report["budget_s"] <= 480
     assert list(report["checks"]) == [c.name for c in CHECKS] == ["triton_kernels", "aot_ptx", "reference_model",
-                                                                   "trt_runner", "tensorrt_engines"]
+                                                                   "trt_runner", "train_cuda", "tensorrt_engines"]
     for name, c in report["checks"].items():
         assert c["would"] == ("skip" if c["missing"] else "run"), name
     assert not (tmp_path / "r").exists()  # a dry run writes nothing

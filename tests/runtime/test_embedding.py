@@ -17,13 +17,23 @@ def pipe(tiny_bundle):
     return p
 
 
-def test_threads_give_the_serial_answers(pipe):
+def test_threads_give_the_serial_answers(shipped):
+    """Four threads on one Pipeline: each (image, question) gets exactly the caption and answer it
+    gets alone. On the shipped checkpoint, whose outputs differ between scenes (asserted): with a
+    model that says the same for every image, a result handed to the wrong thread would pass."""
     items = eval_items(6, seed=41)
     jobs = [(it.image, q) for it in items for q, _ in it.qa[:2]]
-    serial = [(pipe.caption(img, max_new_tokens=16).text, pipe.answer(img, q).text) for img, q in jobs]
+
+    def run(job):
+        caption, answer = shipped.caption(job[0], max_new_tokens=8), shipped.answer(*job)
+        return caption.text, caption.token_ids, answer.text, answer.token_ids
+
+    serial = [run(job) for job in jobs]
+    assert len({s[0] for s in serial[::2]}) >= 5, "the 6 scenes' captions should differ"
+    assert len({s[2] for s in serial}) >= 3, "the 12 answers should differ"
     with ThreadPoolExecutor(max_workers=4) as pool:
-        threaded = list(pool.map(lambda job: (pipe.caption(job[0], max_new_tokens=16).text, pipe.answer(*job).text), jobs * 2))
-    assert threaded == serial * 2
+        threaded = list(pool.map(run, jobs[::-1] * 2))  # another order than the serial run
+    assert threaded == serial[::-1] * 2
 
 
 def test_deadline_returns_partial_text_with_a_flag(pipe):

@@ -80,14 +80,12 @@ def test_stream_yields_the_caption(pipe, scenes):
     assert "".join(pieces).strip() == pipe.caption(vt, max_new_tokens=12).text
 
 
-def test_sampling_is_seeded(pipe, scenes):
-    vt = pipe.tokenize(scenes[0].image)
-    a = pipe.caption(vt, temperature=1.0, top_k=20, seed=3, max_new_tokens=10).token_ids
-    b = pipe.caption(vt, temperature=1.0, top_k=20, seed=3, max_new_tokens=10).token_ids
-    assert a == b
+# Sampling (changes the output, a seed fixes it): tests/runtime/test_api.py on the shipped checkpoint.
 
 
-def test_segment_and_generate(pipe, scenes):
+def test_segment_and_generate_shapes(pipe, scenes):
+    """Shapes and types on the tiny model; content (mask IoU, generated colour) is checked on the
+    shipped checkpoint in tests/runtime/test_content.py."""
     it = scenes[0]
     m = pipe.segment(it.image, it.referring[0][0])
     assert m.mask.shape == (64, 64) and m.mask.dtype == bool

@@ -14,10 +14,8 @@ API_KEY = "test-key"
 
 
 @pytest.fixture(scope="session")
-def small_bundle(tmp_path_factory) -> Path:
-    from setok.export.onnx import export_bundle
-
-    return export_bundle(SMALL_CKPT, tmp_path_factory.mktemp("serve") / "small")
+def small_bundle(shipped_bundle) -> Path:
+    return shipped_bundle  # one export of the shipped checkpoint per session (tests/conftest.py)
 
 
 @contextmanager

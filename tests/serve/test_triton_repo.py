@@ -6,6 +6,7 @@ import ast
 import importlib.util
 import py_compile
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -292,15 +293,16 @@ def test_export_replaces_an_existing_repository(tiny_bundle, tmp_path):
 def _fake_engines(tiny_bundle: Path, folder: Path) -> Path:
     """An engines directory as `setok build` writes it, with stand-in plan bytes (no GPU needed)."""
     from setok.backends.trt.engines import EngineEntry, EnginesManifest
+    from setok.backends.trt.profiles import Limits, stage_profiles
 
     m = M.load_manifest(tiny_bundle)
     folder.mkdir()
     entries = []
-    for stage, plugin in (("encoder", None), ("cluster", {"id": "setok::DensityPeakCluster", "module": "x"})):
+    for stage, plugin in (("encoder", None), ("cluster", {"id": M.CLUSTER_OP.id, "module": "x"})):
         (folder / f"{stage}.plan").write_bytes(b"plan:" + stage.encode())
         s = m.stage(stage)
         entries.append(EngineEntry(stage, f"{stage}.plan", M.sha256(folder / f"{stage}.plan"), s.file, "fp16",
-                                   s.inputs, s.outputs, [], plugin))
+                                   s.inputs, s.outputs, stage_profiles(s.inputs, Limits.from_manifest(m), stage), plugin))
     EnginesManifest("10.8.0", "gpu", (9, 0), "fp16", M.sha256(tiny_bundle / M.MANIFEST), entries).write(folder)
     return folder
 
@@ -328,3 +330,31 @@ def test_bad_arguments_are_refused_with_a_reason(tmp_path):
     (tmp_path / "engines.json").write_text("{}")
     with pytest.raises(InputError, match="engines directory"):
         export_triton(tmp_path, tmp_path / "repo")
+
+
+def test_a_malformed_engines_directory_is_refused_naming_the_field(tiny_bundle, tmp_path):
+    """The repository writer reads engines.json and the bundle's manifest through the checked
+    readers: a wrong field or a foreign bundle is one BundleError, before anything is written."""
+    import json
+
+    from setok.errors import BundleError
+
+    engines = _fake_engines(tiny_bundle, tmp_path / "engines")
+    good = (engines / "engines.json").read_text()
+    d = json.loads(good)
+    d["engines"][0]["inputs"][0]["profiles"][0]["max"] = "big"
+    (engines / "engines.json").write_text(json.dumps(d))
+    with pytest.raises(BundleError, match=r"engines.json: engines.encoder.inputs\[0\].profiles\[0\].max: got a string"):
+        export_triton(engines, tmp_path / "repo", bundle=tiny_bundle)
+    (engines / "engines.json").write_text(good)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    m = json.loads((other / M.MANIFEST).read_text())
+    (other / M.MANIFEST).write_text(json.dumps({**m, "setok_version": "other"}))
+    with pytest.raises(BundleError, match="built from another bundle"):
+        export_triton(engines, tmp_path / "repo", bundle=other)
+    m["stages"][0]["outputs"] = []
+    (other / M.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"manifest.json: stages.encoder.outputs: got an empty list"):
+        export_triton(other, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from setok import manifest as M
-from setok.backends.decode import Positions, empty_past
+from setok.backends.decode import DecoderState, Positions, empty_past
 
 
 class OrtDecoder:
@@ -39,6 +39,13 @@ class OrtDecoder:
         self.past = self.kv.as_past(values)
         # Only these two leave ORT, and only their last position is kept.
         return values[M.LOGITS].numpy()[:, -1], values[M.HIDDEN_STATES].numpy()[:, -1]
+
+    def snapshot(self) -> DecoderState:
+        """The cache (OrtValues: ORT never writes into an input) and positions so far."""
+        return DecoderState(dict(self.past or {}), self.positions.copy())
+
+    def restore(self, state: DecoderState) -> None:
+        self.past, self.positions = dict(state.past) or None, state.positions.copy()
 
     def close(self) -> None:
         self.past = None

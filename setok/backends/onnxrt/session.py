@@ -11,6 +11,10 @@ from setok.backends.base import StageIO
 from setok.errors import BundleError
 from setok.manifest import StageEntry
 
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+              "tensor(bool)": "bool"}
+
 log = logging.getLogger(__name__)
 
 
@@ -48,12 +52,22 @@ class OrtBackend(StageIO):
         self._check_graph()
 
     def _check_graph(self) -> None:
-        """The manifest is the contract: a graph whose I/O differs from it is refused at open."""
+        """The manifest is the contract: a graph whose I/O names, dtypes or fixed dims differ from
+        it is refused at open (not with an ONNX Runtime error at the first run)."""
         got_in = [i.name for i in self.session.get_inputs()]
         got_out = [o.name for o in self.session.get_outputs()]
         if sorted(got_in) != sorted(self._inputs) or sorted(got_out) != sorted(self._outputs):
             raise BundleError(f"stage {self.entry.name} ({self.entry.file}): graph I/O {got_in} -> {got_out} does not "
                               f"match the manifest's {list(self._inputs)} -> {list(self._outputs)}; re-export the bundle")
+        for side, args, specs in (("input", self.session.get_inputs(), self._inputs),
+                                  ("output", self.session.get_outputs(), self._outputs)):
+            for a in args:
+                spec, dtype, dims = specs[a.name], ORT_DTYPES.get(a.type, a.type), list(a.shape)
+                same = len(dims) == len(spec.shape) and all(
+                    not (isinstance(d, int) and isinstance(g, int)) or d == g for d, g in zip(spec.shape, dims))
+                if dtype != spec.dtype or not same:
+                    raise BundleError(f"stage {self.entry.name} ({self.entry.file}): {side} {a.name} is {dtype} {dims} "
+                                      f"in the graph but {spec.dtype} {spec.shape} in the manifest; re-export the bundle")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check(feeds)

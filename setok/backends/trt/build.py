@@ -72,20 +72,45 @@ class StagePlan:
 
 
 def refuse_cpu_only(manifest: M.Manifest) -> None:
-    """Dynamically quantized stages (MatMulInteger) are an ONNX Runtime CPU form TensorRT cannot parse."""
+    """Dynamically quantized stages (MatMulInteger) and MatMulNBits weight-only stages are ONNX Runtime
+    forms TensorRT cannot parse."""
     cpu = [s.name for s in manifest.stages if s.extra.get("quantizer") == "dynamic"]
     if cpu:
         raise InputError(f"stage(s) {cpu} are dynamically quantized (ONNX Runtime CPU INT8, MatMulInteger); TensorRT "
-                         "cannot build them: build from the fp32 bundle or one from `setok calibrate --quantizer onnxruntime`")
+                         "cannot build them: build from the fp32 bundle or one from `setok calibrate --target tensorrt`")
+    nbits = [s.name for s in manifest.stages if s.extra.get("weight_form") == ORT_WEIGHT_FORM]
+    if nbits:
+        raise InputError(f"stage(s) {nbits} have ONNX Runtime's MatMulNBits weight-only form; TensorRT cannot parse it: "
+                         "quantize for TensorRT with `setok calibrate --target tensorrt --llm-weights ...` "
+                         "(DequantizeLinear -> MatMul) or build from the fp32 bundle")
+
+
+ORT_WEIGHT_FORM = "MatMulNBits"
+TARGET = "tensorrt"
+
+
+def other_target(manifest: M.Manifest) -> str:
+    """A warning when `setok calibrate` chose the bundle's forms for another target ('' when none):
+    ONNX Runtime CPU keeps a stage INT8 only where it is faster there, so INT8 TensorRT would run
+    well may have been left float."""
+    other = {s.name: s.extra["target"] for s in manifest.stages if s.extra.get("target") not in (None, TARGET)}
+    if not other:
+        return ""
+    targets = ", ".join(sorted(set(other.values())))
+    return (f"the bundle was quantized for {targets}, not TensorRT (stages {sorted(other)}): its speed gate kept "
+            "stages float that TensorRT would run in INT8; for TensorRT, calibrate with `setok calibrate --target tensorrt`")
 
 
 def plan_stage(stage: str, graph_precision: str, requested: str, trt_major: int,
                calib_cache: Path | None = None, exact: bool = False) -> StagePlan:
     """`exact`: the stage's outputs are all integers (the clustering's token ids and counts)."""
     strong = trt_major >= 11  # TensorRT 11 networks are always strongly typed (the flag is accepted, ignored)
-    if graph_precision == "int8":
-        note = "" if requested == "int8" else f"the bundle's {stage} graph is Q/DQ INT8 and is built as such"
-        return StagePlan("int8", True, note=note)
+    if graph_precision in ("int8", "int4"):  # Q/DQ INT8, or weight-only DequantizeLinear(int4|int8) -> MatMul
+        note = "" if requested == graph_precision else f"the bundle's {stage} graph is Q/DQ {graph_precision.upper()} and is built as such"
+        return StagePlan(graph_precision, True, note=note)
+    if graph_precision == "fp16":  # `setok export --dtype fp16`: the graph's own types decide
+        note = "" if requested == "fp16" else f"the bundle's {stage} graph is float16 and is built as such"
+        return StagePlan("fp16", True, note=note)
     if exact:
         note = "" if requested == "fp32" else f"the {stage} stage stays fp32: its outputs are discrete"
         return StagePlan("fp32", strong, clear_flags=("TF32",), note=note)
@@ -166,6 +191,8 @@ def build_engines(bundle: Path, out: Path, precision: str = "fp32", max_batch: i
     bundle, out = Path(bundle), Path(out)
     manifest = M.load_manifest(bundle)
     refuse_cpu_only(manifest)
+    if warning := other_target(manifest):
+        log.warning(warning)
     trt = tensorrt()
     from setok.backends.trt.runner import device_info, trt_logger
 

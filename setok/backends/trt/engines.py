@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from setok import manifest as M
 from setok.backends.trt.profiles import Profile
-from setok.errors import InputError
+from setok.errors import BundleError
 from setok.io import write_json
 from setok.manifest import KvCache, TensorSpec, inside, read_versioned_json, sha256
 
@@ -29,8 +30,69 @@ PLUGIN_MODULE = "setok.plugins.trt_plugin"
 CROSS_MAJOR = {(8, 10), (10, 11)}
 
 
-class EnginesError(InputError):
+class EnginesError(BundleError):
     """An engines directory that is missing files, tampered with, or built for another machine."""
+
+
+# ---- engines.json, field by field (the specs of setok.manifest) ---------------------------------
+PROFILE_SHAPES = M.Record({k: (M.ListOf(M.integer(0)), True) for k in ("min", "opt", "max")},
+                          what="an object {min, opt, max} of shapes (lists of integers >= 0)")
+ENGINE_INPUT = M.Record({**M.TENSOR.fields, "profiles": (M.ListOf(PROFILE_SHAPES, 1), True)},
+                        what="a tensor record {name, dtype, shape, profiles}")
+MODULE = M.Scalar("a Python module name (dotted identifiers)",
+                  lambda v: isinstance(v, str) and bool(re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", v)))
+PLUGIN = M.Record({"id": (M.NAME, True), "module": (MODULE, False), "library": (M.NAME, False), "impl": (M.NAME, False)})
+VERSION = M.Scalar('a TensorRT version string such as "10.8.0.43"', lambda v: isinstance(v, str) and bool(re.search(r"\d", v)))
+ENGINE = M.Record({
+    "stage": (M.NAME, True), "file": (M.NAME, True), "sha256": (M.SHA256, True), "source": (M.NAME, True),
+    "precision": (M.NAME, True), "plugin": (M.Nullable(PLUGIN), False), "profiles": (M.ListOf(M.NAME, 1), True),
+    "inputs": (M.ListOf(ENGINE_INPUT, 1), True), "outputs": (M.ListOf(M.TENSOR, 1), True),
+    "kv_cache": (M.KV_CACHE, False),
+}, what="an engine record {stage, file, sha256, source, precision, profiles, inputs, outputs}")
+ENGINES = M.Record({
+    "setok_version": (M.TEXT, False), "tensorrt_version": (VERSION, True),
+    "gpu": (M.Record({"name": (M.NAME, True), "compute_capability": (M.ListOf(M.integer(0), 2, 2), True)}), True),
+    "precision": (M.NAME, True), "version_compatible": (M.BOOLEAN, False),
+    "bundle": (M.Record({"manifest_sha256": (M.SHA256, True)}), True), "timing_cache": (M.Nullable(M.TEXT), False),
+    "engines": (M.ListOf(M.ANY_OBJECT, 1, what="a non-empty list of engine records"), True),
+    "extra": (M.ANY_OBJECT, False),
+})
+
+
+def check_engines(d: dict[str, Any]) -> None:
+    """FieldError for the first field of engines.json that is not what the TensorRT runner expects."""
+    ENGINES(d, "")
+    paths = M.named_items(d["engines"], "engines", "stage", ENGINE, "a stage no other engine serves")
+    for e in d["engines"]:
+        where, names = paths[e["stage"]], e["profiles"]
+        if len(set(names)) != len(names):
+            raise M.FieldError(M.at(where, "profiles"), "profile names that differ", names)
+        kv = e.get("kv_cache")
+        if kv is not None and len(kv["past"]) != len(kv["present"]):
+            raise M.FieldError(M.at(M.at(where, "kv_cache"), "present"),
+                               f"as many names as kv_cache.past has ({len(kv['past'])})", kv["present"])
+        if e.get("plugin") and not (e["plugin"].get("module") or e["plugin"].get("library") or e["plugin"].get("impl") == "aot"):
+            raise M.FieldError(M.at(where, "plugin"), 'a plugin with a "module" or a "library" to load, or "impl": "aot"',
+                               e["plugin"])
+        for j, t in enumerate(e["inputs"]):
+            _check_profiles(t, names, M.at(M.at(where, "inputs"), j))
+
+
+def _check_profiles(t: dict[str, Any], names: list[str], where: str) -> None:
+    """One (min, opt, max) per profile, each of the tensor's rank, min <= opt <= max, fixed dims kept."""
+    if len(t["profiles"]) != len(names):
+        raise M.FieldError(M.at(where, "profiles"), f"one {{min, opt, max}} per profile ({len(names)}: {names})",
+                           t["profiles"])
+    for k, p in enumerate(t["profiles"]):
+        here = M.at(M.at(where, "profiles"), k)
+        for point in ("min", "opt", "max"):
+            if len(p[point]) != len(t["shape"]):
+                raise M.FieldError(M.at(here, point), f"a shape of rank {len(t['shape'])} like the tensor's {t['shape']}",
+                                   p[point])
+        for axis, (d, lo, opt, hi) in enumerate(zip(t["shape"], p["min"], p["opt"], p["max"])):
+            if not lo <= opt <= hi or (isinstance(d, int) and not lo == opt == hi == d):
+                want = f"min = opt = max = {d} (a fixed dim)" if isinstance(d, int) else "min <= opt <= max"
+                raise M.FieldError(here, f"{want} at axis {axis}", p)
 
 
 @dataclass
@@ -118,11 +180,10 @@ class EnginesManifest:
 def load_engines_manifest(folder: str | Path, verify: bool = True) -> EnginesManifest:
     folder = Path(folder)
     path = folder / ENGINES_MANIFEST
-    d = read_versioned_json(path, SCHEMA_VERSION, EnginesError, "a directory written by `setok build`", "rebuild with `setok build`")
-    try:
-        m = EnginesManifest.from_dict(d)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise EnginesError(f"{path} is malformed ({type(e).__name__}: {e}); rebuild with `setok build`") from None
+    fix = "rebuild with `setok build`"
+    d = read_versioned_json(path, SCHEMA_VERSION, EnginesError, "a directory written by `setok build`", fix)
+    M.checked(path, EnginesError, fix, check_engines, d)
+    m = EnginesManifest.from_dict(d)
     if verify:
         verify_engines(folder, m)
     return m

@@ -1,9 +1,16 @@
-"""Lint a bundle's ONNX stages for a deployment target (TensorRT) before anyone builds an engine.
+"""Lint a bundle's ONNX stages for a deployment target before anyone builds an engine or opens a session.
 
-The operator support matrix is data (`trt_onnx_ops.json` beside this module, transcribed from onnx-tensorrt's
-docs/operators.md); the restrictions that can bite our graphs are encoded here as code.
+`tensorrt`: the operator support matrix is data (`trt_onnx_ops.json` beside this module, transcribed from
+onnx-tensorrt's docs/operators.md); the restrictions that can bite our graphs are encoded here as code.
 Errors mean the TensorRT ONNX parser (or our engine-per-stage contract) would reject the stage;
 warnings mean it probably parses but deserves a look.
+
+`onnxruntime-cpu`: every op must have an ONNX Runtime CPU kernel (the installed ONNX Runtime's own
+kernel registry says which), and the quantized forms are checked against what that target takes.
+
+Each target takes its own quantized forms (the table's `quantized_forms`): TensorRT parses Q/DQ INT8
+and weight-only DequantizeLinear(INT4 blocked | INT8 per channel) -> MatMul, never ONNX Runtime's CPU
+forms (MatMulNBits, MatMulInteger / DynamicQuantizeLinear); ONNX Runtime CPU runs all of them.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ TABLE_FILE = "trt_onnx_ops.json"
 STANDARD_DOMAINS = ("", "ai.onnx")
 DPC_PLUGIN = CLUSTER_OP.id
 PLUGIN_OPS = frozenset({DPC_PLUGIN})
+TARGETS = ("tensorrt", "onnxruntime-cpu")
 TOPK_MAX_K = 3840  # the table: `K` must be less than 3840
 LARGE_INT64 = 1 << 16  # elements; beyond this an INT64 tensor is worth a warning
 DATA_DEPENDENT_OPS = {"NonZero", "Unique", "Compress", "NonMaxSuppression"}
@@ -154,6 +162,8 @@ def lint_model(model: onnx.ModelProto, stage: str, table: dict, plugin_ops: set[
     for node in inferred.graph.node:
         if node.domain in STANDARD_DOMAINS:
             _check_standard(node, g, table, report)
+        elif _ort_form(node, table):
+            report(node, "error", f"{node.domain}::{node.op_type} is not a TensorRT op: {_ort_form(node, table)}")
         else:
             _check_plugin(node, plugin_ops, report)
     _check_int64(g, report)
@@ -190,7 +200,8 @@ def _check_standard(node: onnx.NodeProto, g: Graph, table: dict, report: Report)
         return
     if not entry["supported"]:
         why = f" ({entry['restrictions']})" if entry["restrictions"] else ""
-        report(node, "error", f"{node.op_type} is not supported by the TensorRT {version} ONNX parser{why}")
+        hint = f"; {_ort_form(node, table)}" if _ort_form(node, table) else ""
+        report(node, "error", f"{node.op_type} is not supported by the TensorRT {version} ONNX parser{why}{hint}")
         return
     _check_type(node, g, entry, report)
     if node.op_type in DATA_DEPENDENT_OPS:
@@ -215,6 +226,33 @@ def _check_type(node: onnx.NodeProto, g: Graph, entry: dict, report: Report) -> 
         elif entry["types"] and trt not in entry["types"]:
             report(node, "warning", f"{name!r} is {trt}, not in the table's types for {node.op_type} "
                                     f"({', '.join(entry['types'])}); the parser may still accept it, verify with trtexec")
+
+
+# ---- quantized forms per target ---------------------------------------------------------------------
+def _ort_form(node: onnx.NodeProto, table: dict) -> str | None:
+    """The hint for an ONNX Runtime-only quantized op (None for any other op)."""
+    forms = table.get("quantized_forms", {}).get("onnxruntime_only", {})
+    return forms.get(f"{node.domain}::{node.op_type}" if node.domain not in STANDARD_DOMAINS else node.op_type)
+
+
+def _dq_weights(node: onnx.NodeProto, g: Graph, report: Report) -> None:
+    """TensorRT's IDequantizeLayer: a build-time-constant scale (scalar, 1-D per channel, 2-D blocked);
+    block quantization for INT4 only; INT4 only as constant weights (weight-only)."""
+    if len(node.input) > 1 and node.input[1] not in g.const:
+        report(node, "error", f"DequantizeLinear scale {node.input[1]!r} must be a build-time constant")
+    block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+    et = g.elem_type(node.input[0])
+    if block and et != TensorProto.INT4:
+        got = TRT_TYPES.get(et, TensorProto.DataType.Name(et))
+        report(node, "error", f"block-quantized DequantizeLinear (block_size={block}) of {got}; TensorRT's block "
+                              "quantization takes INT4 only (quantize INT8 weights per channel)")
+    if et == TensorProto.INT4 and node.input[0] not in g.const:
+        report(node, "error", f"INT4 input {node.input[0]!r} is computed at run time; TensorRT takes INT4 only as "
+                              "constant weights (weight-only quantization)")
+    if block:
+        dims = g.dims(node.input[1]) or []
+        if len(dims) != 2:
+            report(node, "error", f"block-quantized DequantizeLinear scale has rank {len(dims)}; TensorRT needs 2-D block scales")
 
 
 # ---- restrictions as code --------------------------------------------------------------------------
@@ -281,7 +319,7 @@ RESTRICTIONS: dict[str, tuple[Callable[[onnx.NodeProto, Graph, Report], None], .
     "Squeeze": (_need_const(1, "Squeeze axes"),), "Unsqueeze": (_need_const(1, "Unsqueeze axes"),),
     "CumSum": (_need_const(1, "CumSum axis"),), "OneHot": (_need_const(2, "OneHot depth"),),
     "Dropout": (_need_const(2, "Dropout is_training"),),
-    "DequantizeLinear": (_zero_point(2, "DequantizeLinear x_zero_point"),),
+    "DequantizeLinear": (_zero_point(2, "DequantizeLinear x_zero_point"), _dq_weights),
     "QuantizeLinear": (_zero_point(2, "QuantizeLinear y_zero_point"),),
     "Conv": (_conv_weights,), "ConvTranspose": (_conv_weights,),
     "Resize": (_attr_in("mode", ("nearest", "linear"), "nearest"), _attr_in("antialias", (0,), 0),
@@ -412,14 +450,20 @@ def _check_output_shapes(model: onnx.ModelProto, g: Graph, report: Report) -> No
 # ---- bundles ----------------------------------------------------------------------------------
 def lint_bundle(bundle: Path, target: str = "tensorrt", trt_version: str = "10.8") -> list[Finding]:
     """Lint every ONNX stage listed in the bundle's manifest; findings are ordered by stage."""
-    if target != "tensorrt":
-        raise InputError(f"lint target {target!r} is not supported; expected 'tensorrt'")
+    if target not in TARGETS:
+        raise InputError(f"lint target {target!r} is not supported; expected one of {list(TARGETS)}")
     bundle, table = Path(bundle), load_table()
-    findings = _version_note(table, trt_version)
+    findings = _version_note(table, trt_version) if target == "tensorrt" else []
     for st in load_manifest(bundle).stages:
         # The graph without its external weights: a multi-GB LLM lints in the memory of its graph.
         model = onnx.load(str(inside(bundle, st.file)), load_external_data=False)
+        if target != "tensorrt":
+            findings += lint_ort_cpu(model, st.name, st.extra.get("target"))
+            continue
         stage_findings = lint_model(model, st.name, table, set(PLUGIN_OPS))
+        if st.extra.get("target") not in (None, "tensorrt"):
+            stage_findings.append(Finding(st.name, "", "", "warning", f"quantized for {st.extra['target']}, not TensorRT: "
+                                          "recalibrate with `setok calibrate --target tensorrt` for TensorRT's forms"))
         opset = max((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), default=None)
         if opset is not None and opset != st.opset:
             stage_findings.append(Finding(st.name, "", "", "warning", f"manifest says opset {st.opset}, the model imports {opset}"))
@@ -427,6 +471,43 @@ def lint_bundle(bundle: Path, target: str = "tensorrt", trt_version: str = "10.8
         log.info("lint %s: %d findings, %d errors", st.name, len(stage_findings),
                  sum(f.severity == "error" for f in stage_findings))
         findings += stage_findings
+    return findings
+
+
+def ort_cpu_kernels() -> set[tuple[str, str]]:
+    """(domain, op) pairs the installed ONNX Runtime has a CPU kernel for."""
+    from onnxruntime.capi import _pybind_state as C
+
+    return {(k.domain, k.op_name) for k in C.get_all_opkernel_def() if k.provider == "CPUExecutionProvider"}
+
+
+def lint_ort_cpu(model: onnx.ModelProto, stage: str, quantized_for: str | None = None) -> list[Finding]:
+    """ONNX Runtime CPU: every op has a CPU kernel (or is an ONNX function / Constant, which ORT
+    expands); a custom op needs its library; a TensorRT weight-only form is noted (it runs, fused)."""
+    kernels = ort_cpu_kernels()
+    findings, seen = [], set()
+    for node in model.graph.node:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        key = (domain, node.op_type)
+        if key in seen or key in kernels or node.op_type == "Constant":
+            continue
+        seen.add(key)
+        if domain == "" and onnx.defs.has(node.op_type) and onnx.defs.get_schema(node.op_type).has_function:
+            continue
+        name = f"{domain}::{node.op_type}" if domain else node.op_type
+        if domain in ("", "com.microsoft"):
+            findings.append(Finding(stage, node.name, node.op_type, "error", f"{name} has no ONNX Runtime CPU kernel"))
+        else:
+            findings.append(Finding(stage, node.name, node.op_type, "warning", f"custom op {name}: ONNX Runtime needs its "
+                                    "custom-op library (the runtime registers the bundle's own)"))
+    int4 = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i for a in n.attribute)]
+    if int4:
+        findings.append(Finding(stage, int4[0].name, "DequantizeLinear", "warning", f"{len(int4)} blocked DequantizeLinear -> "
+                                "MatMul (the TensorRT weight-only form): ONNX Runtime CPU fuses them into MatMulNBits; "
+                                "`setok calibrate --target onnxruntime-cpu` writes MatMulNBits directly"))
+    if quantized_for not in (None, "onnxruntime-cpu"):
+        findings.append(Finding(stage, "", "", "warning", f"quantized for {quantized_for}, not ONNX Runtime CPU: its "
+                                "stages kept Q/DQ without the CPU speed gate"))
     return findings
 
 

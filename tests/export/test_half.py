@@ -1,0 +1,88 @@
+"""`setok export --dtype fp16`: float16 weights inside, float32 at the graph's edges, the
+clustering kept fp32, every converted stage validated with its fp16 gates at export, and the
+bundle running and passing `setok parity --precision fp16`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from setok import manifest as M
+from setok.backends.trt.build import plan_stage
+from setok.data.items import eval_items
+from setok.export.stages import STAGES
+from setok.runtime import Pipeline
+
+FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+
+
+@pytest.fixture(scope="module")
+def half_bundle(tiny_ckpt, tmp_path_factory):
+    from setok.export import llm
+    from setok.export.onnx import export_bundle
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(llm, "EXTERNAL_DATA_BYTES", 0)  # the LLM takes the > 2 GB path (external data)
+    try:
+        return export_bundle(tiny_ckpt, tmp_path_factory.mktemp("half") / "b", dtype="fp16")
+    finally:
+        mp.undo()
+
+
+def _initializer_types(path) -> set[int]:
+    m = onnx.load(str(path), load_external_data=False)
+    return {t.data_type for t in m.graph.initializer if t.data_type in (FLOAT, HALF) and len(t.dims)}
+
+
+def test_stages_that_may_are_half_inside_and_float_at_the_edges(half_bundle):
+    m = M.load_manifest(half_bundle)
+    for entry in m.stages:
+        half = STAGES[entry.name].half
+        assert entry.precision == ("fp16" if half else "fp32"), entry.name
+        graph = onnx.load(str(half_bundle / entry.file), load_external_data=False).graph
+        kinds = {v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.output)}
+        assert HALF not in kinds, f"{entry.name}: the graph's I/O stays float32"
+        if half:  # every weight matrix is float16
+            assert _initializer_types(half_bundle / entry.file) == {HALF}, entry.name
+    assert {e.name for e in m.stages if e.precision == "fp32"} == {"cluster", "cluster_plugin"}
+
+
+def test_the_half_llm_keeps_its_weights_outside_and_hashed(half_bundle, tiny_bundle):
+    entry = M.load_manifest(half_bundle).stage("llm")
+    assert [d["file"] for d in entry.data] == ["llm.onnx.data"]
+    assert entry.data[0]["sha256"] == M.sha256(half_bundle / "llm.onnx.data")
+    fp32 = (tiny_bundle / "llm.onnx").stat().st_size
+    assert (half_bundle / "llm.onnx.data").stat().st_size < 0.6 * fp32, "half the bytes of the fp32 weights"
+
+
+def test_it_answers_like_the_fp32_bundle(half_bundle, tiny_bundle):
+    a, b = Pipeline.open(tiny_bundle, threads=1), Pipeline.open(half_bundle, threads=1)
+    same = 0
+    for it in eval_items(6, seed=9):
+        ta, tb = a.tokenize(it.image), b.tokenize(it.image)
+        assert ta.tokens.dtype == tb.tokens.dtype == np.float32
+        if ta.num_tokens == tb.num_tokens:  # a near-tie density can move a center
+            cos = float(ta.tokens.ravel() @ tb.tokens.ravel() / (np.linalg.norm(ta.tokens) * np.linalg.norm(tb.tokens)))
+            assert cos > 0.999, cos
+        same += a.answer(it.image, "how many objects are there").text == b.answer(it.image, "how many objects are there").text
+    assert same >= 5, f"{same}/6 answers equal"
+
+
+def test_parity_passes_with_the_fp16_gates_and_not_the_fp32_ones(half_bundle, tiny_ckpt):
+    def parity(precision: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "setok.cli", "parity", str(tiny_ckpt), str(half_bundle), "--n", "3",
+                               "--precision", precision], capture_output=True, text=True, check=False)
+
+    half = parity("fp16")
+    assert half.returncode == 0 and "PASS" in half.stdout, half.stdout[-2000:] + half.stderr[-2000:]
+    assert parity("fp32").returncode == 1, "float16 weights cannot meet the fp32 gates"
+
+
+def test_tensorrt_builds_a_half_graph_as_such():
+    plan = plan_stage("encoder", "fp16", "fp32", trt_major=10)
+    assert plan.precision == "fp16" and plan.strongly_typed and "float16" in plan.note
+    assert plan_stage("encoder", "fp16", "fp16", trt_major=11).note == ""
