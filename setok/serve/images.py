@@ -1,8 +1,8 @@
 """Images over HTTP: data URLs in, masks (PNG or RLE) and boxes out, in the client's frame.
 
-The runtime resizes the shorter side to the model's size and center-crops; `Frame` maps model
-pixels back to the pixels of the image the client sent, so masks, boxes and token centers come
-back in its camera frame. Pixels outside the center crop were never seen: they are never in a mask.
+The runtime maps its results to the pixels of the image the client sent (setok.runtime.frame), so
+masks, boxes and token centers come back in its camera frame. Pixels outside the center crop were
+never seen: they are never in a mask.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import base64
 import binascii
 import io
 import re
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -67,44 +66,6 @@ def open_image(raw: bytes, what: str = "image"):
     except (OSError, ValueError, SyntaxError) as e:  # PIL's truncated / corrupt data
         raise InputError(f"{what}: corrupt or unsupported image ({e})") from None
     return im
-
-
-@dataclass(frozen=True)
-class Frame:
-    """The client's image (width x height) and the center crop the model saw, in its pixels."""
-
-    width: int
-    height: int
-    size: int  # the model's square input
-
-    @property
-    def resized(self) -> tuple[int, int]:
-        """The image's size after the runtime's resize (shorter side to `size`), before the crop."""
-        s = self.size / min(self.width, self.height)  # as setok.runtime.preprocess._resize_crop
-        return max(self.size, round(self.width * s)), max(self.size, round(self.height * s))
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        nw, nh = self.resized
-        return nw / self.width, nh / self.height
-
-    @property
-    def offset(self) -> tuple[int, int]:
-        nw, nh = self.resized
-        return (nw - self.size) // 2, (nh - self.size) // 2
-
-    def point(self, x: float, y: float) -> list[float]:
-        """Model pixel coordinates -> the client's pixel coordinates."""
-        (sx, sy), (left, top) = self.scale, self.offset
-        return [round((x + left) / sx, 2), round((y + top) / sy, 2)]
-
-    def mask(self, model_mask: np.ndarray) -> np.ndarray:
-        """(size, size) bool -> (height, width) bool, nearest neighbour; outside the crop is False."""
-        (sx, sy), (left, top) = self.scale, self.offset
-        ys = np.floor((np.arange(self.height) + 0.5) * sy - top).astype(np.int64)
-        xs = np.floor((np.arange(self.width) + 0.5) * sx - left).astype(np.int64)
-        inside = (ys[:, None] >= 0) & (ys[:, None] < self.size) & (xs[None] >= 0) & (xs[None] < self.size)
-        return model_mask[np.clip(ys, 0, self.size - 1)[:, None], np.clip(xs, 0, self.size - 1)[None]] & inside
 
 
 def box(mask: np.ndarray) -> list[int] | None:

@@ -34,7 +34,6 @@ from setok.serve import chat as C
 from setok.serve.batcher import Batcher, Job, answer_jobs
 from setok.serve.generate import Completion, Generation, check_context, prompt_length
 from setok.serve.images import (
-    Frame,
     PayloadTooLarge,
     box,
     image_bytes,
@@ -250,38 +249,38 @@ class Service:
         finally:
             slot.leave()
 
-    def _frame(self, raw: bytes) -> tuple[Frame, np.ndarray]:
-        im = open_image(raw)
-        return Frame(im.width, im.height, self.pipe.size), to_rgb_array(im, self.pipe.size)
-
     def _segment(self, raw: bytes, expression: Any, fmt: Any) -> dict:
         if fmt not in ("rle", "png"):
             raise InputError(f"format: got {fmt!r}; expected 'rle' or 'png'")
-        frame, image = self._frame(raw)
-        result = self.pipe.segment(image, expression)
-        mask = frame.mask(result.mask)
+        result = self.pipe.segment(open_image(raw), expression)  # the runtime maps it to the client's frame
+        mask = result.mask  # (H, W) of the client's image, borders redrawn at its resolution
         self.metrics.observe_stages(result.timings)
-        return {"model": self.model, "size": [frame.width, frame.height], "num_tokens": int(result.selected.size),
+        return {"model": self.model, "size": list(result.frame.frame_size), "num_tokens": int(result.selected.size),
                 "selected_tokens": np.flatnonzero(result.selected).tolist(), "area": int(mask.sum()),
-                "box": box(mask), "mask": rle(mask) if fmt == "rle" else png(mask), "timings_ms": _ms(result.timings)}
+                "box": box(mask), "centroid": _point(result.centroid), "frame": result.frame.to_dict(),
+                "mask": rle(mask) if fmt == "rle" else png(mask), "timings_ms": _ms(result.timings)}
 
     def _tokenize(self, raw: bytes) -> dict:
-        frame, image = self._frame(raw)
-        vt = self.pipe.tokenize(image)
+        vt = self.pipe.tokenize(open_image(raw))
         grid, patch = self.pipe.grid, self.pipe.patch
-        centers = [frame.point((c % grid + 0.5) * patch, (c // grid + 0.5) * patch) for c in vt.centers.tolist()]
-        boxes = []
-        for m in vt.masks:
-            b = box(m)  # model pixels -> the client's frame: corners map linearly
-            boxes.append(None if b is None else frame.point(b[0], b[1]) + frame.point(b[2], b[3]))
+        xs, ys = vt.frame.to_frame((vt.centers % grid + 0.5) * patch, (vt.centers // grid + 0.5) * patch)
         self.metrics.observe_stages(vt.timings)
-        return {"model": self.model, "size": [frame.width, frame.height], "num_tokens": vt.num_tokens,
-                "centers": centers, "boxes": boxes, "timings_ms": _ms(vt.timings)}
+        return {"model": self.model, "size": list(vt.frame_size), "num_tokens": vt.num_tokens,
+                "centers": [[round(float(x), 2), round(float(y), 2)] for x, y in zip(xs, ys)],
+                "boxes": [None if b[0] < 0 else [int(v) for v in b] for b in vt.boxes],
+                "centroids": [_point(c) for c in vt.centroids], "frame": vt.frame.to_dict(), "timings_ms": _ms(vt.timings)}
 
     def models(self) -> dict:
         created = int(self.pipe.bundle.joinpath("manifest.json").stat().st_mtime)
         return {"object": "list", "data": [{"id": self.model, "object": "model", "created": created,
                                             "owned_by": "setok", "max_model_len": self.pipe.manifest.text["max_positions"]}]}
+
+
+def _point(xy) -> list[float] | None:
+    """(x, y) in frame pixels, rounded; None for a token or mask with no pixel (NaN)."""
+    if xy is None or not np.all(np.isfinite(xy)):
+        return None
+    return [round(float(xy[0]), 2), round(float(xy[1]), 2)]
 
 
 def _sse(payload: dict) -> str:

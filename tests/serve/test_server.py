@@ -296,6 +296,8 @@ def test_body_limit_auth_and_routes(server, model):
 
 # ---- setok's own routes --------------------------------------------------------------------------
 def test_segment_and_tokenize_in_the_clients_frame(server, model, pipe, images):
+    """/v1/segment and /v1/tokenize answer in the pixels of the image the client sent: what
+    Pipeline.segment / tokenize give for that same image (frame-coordinate results)."""
     im = images[2]
     expression = "the red circle"
     ref = pipe.segment(im, expression).mask
@@ -305,24 +307,31 @@ def test_segment_and_tokenize_in_the_clients_frame(server, model, pipe, images):
         mask = rle_decode(out["mask"]) if fmt == "rle" else np.asarray(Image.open(io.BytesIO(base64.b64decode(out["mask"]["data"])))).astype(bool)
         np.testing.assert_array_equal(mask, ref)
         assert out["area"] == ref.sum() and out["num_tokens"] == pipe.tokenize(im).num_tokens
-    # 2x larger: every model pixel is a 2x2 block of the client's image
+    # 2x larger: the mask is the frame's own (borders at its resolution), the model's 2x2 blocks inside
     big = np.kron(im, np.ones((2, 2, 1), np.uint8))
     code, out, _ = post(server, "/v1/segment", {"image": data_url(big), "expression": expression})
-    np.testing.assert_array_equal(rle_decode(out["mask"]), np.kron(pipe.segment(big, expression).mask_crop, np.ones((2, 2), bool)))
-    ys, xs = np.nonzero(rle_decode(out["mask"]))
+    got, want = rle_decode(out["mask"]), pipe.segment(big, expression)
+    np.testing.assert_array_equal(got, want.mask)
+    up = np.kron(want.mask_crop, np.ones((2, 2), bool))
+    assert got.shape == (128, 128) and (got & up).sum() >= 0.8 * max(1, (got | up).sum())
+    ys, xs = np.nonzero(got)
     assert out["box"] == ([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if xs.size else None)
-    # wider than tall: the model saw the central 64 columns; the mask is offset into the frame
+    assert out["frame"]["frame_size"] == [128, 128] and out["size"] == [128, 128]
+    # wider than tall: the model saw the central 64 columns; nothing outside them is in the mask
     wide = np.concatenate([images[3][:, :32], im, images[3][:, 32:]], axis=1)  # (64, 128, 3)
     code, out, _ = post(server, "/v1/segment", {"image": data_url(wide), "expression": expression})
     mask = rle_decode(out["mask"])
     assert mask.shape == (64, 128) and not mask[:, :32].any() and not mask[:, 96:].any()
-    np.testing.assert_array_equal(mask[:, 32:96], ref)
+    np.testing.assert_array_equal(mask, pipe.segment(wide, expression).mask)
+    assert out["frame"]["crop_box"] == [32.0, 0.0, 96.0, 64.0]
 
     code, out, _ = post(server, "/v1/tokenize", {"image": data_url(wide)})
     vt = pipe.tokenize(im)
     assert code == 200 and out["num_tokens"] == vt.num_tokens and out["size"] == [128, 64]
     expected = [[(c % pipe.grid + 0.5) * pipe.patch + 32, (c // pipe.grid + 0.5) * pipe.patch] for c in vt.centers.tolist()]
-    assert out["centers"] == expected and len(out["boxes"]) == vt.num_tokens
+    assert out["centers"] == expected and len(out["boxes"]) == len(out["centroids"]) == vt.num_tokens
+    for b, (x, y) in zip(out["boxes"], expected):  # each token's box holds its center, inside the crop
+        assert b is None or (32 <= b[0] <= x < b[2] <= 96 and 0 <= b[1] <= y < b[3] <= 64), (b, x, y)
     for bad, words in (({"image": data_url(im)}, "expression"), ({"image": data_url(im), "expression": "x", "format": "gif"}, "format"),
                        ({"image": "https://a/b.png", "expression": "x"}, "never fetches"), ({"expression": "x"}, "image")):
         code, out, _ = post(server, "/v1/segment", bad)
