@@ -38,6 +38,7 @@ class ChatRequest:
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
+    schema: dict | None = None  # response_format json_schema: the runtime's schema-constrained decoding
 
 
 def parse_chat(body: Any, model: str) -> ChatRequest:
@@ -49,13 +50,16 @@ def parse_chat(body: Any, model: str) -> ChatRequest:
             raise InputError(f"{key}: not supported by this server (setok answers with text only); omit it")
     if body.get("n", 1) != 1:
         raise InputError(f"n: got {body['n']!r}; this server returns one choice (n=1)")
-    _response_format(body.get("response_format"))
+    schema = _response_format(body.get("response_format"))
     image, question = _messages(body.get("messages"))
     stream = _typed(body, "stream", bool, False)
+    if stream and schema is not None:
+        raise InputError("response_format json_schema with stream: not supported (a constrained answer is a few "
+                         "tokens); set stream to false")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise InputError(f"stream_options: got {options!r}; expected an object")
-    return ChatRequest(image, question, _sampling(body), stream, bool(options.get("include_usage", False)))
+    return ChatRequest(image, question, _sampling(body), stream, bool(options.get("include_usage", False)), schema)
 
 
 def check_model(value: Any, model: str) -> None:
@@ -63,16 +67,22 @@ def check_model(value: Any, model: str) -> None:
         raise UnknownModel(f"model: {value!r} is not served here; expected {model!r} (GET /v1/models)")
 
 
-def _response_format(value: Any) -> None:
+def _response_format(value: Any) -> dict | None:
+    """OpenAI's response_format -> the JSON schema the decode is constrained to (None: free text)."""
     if value is None:
-        return
+        return None
     kind = value.get("type") if isinstance(value, dict) else value
     if kind == "text":
-        return
-    if kind in ("json_schema", "json_object"):
-        raise InputError(f"response_format {kind!r}: the setok runtime has no structured (schema-constrained) "
-                         "decoding yet; omit response_format or use {'type': 'text'}")
-    raise InputError(f"response_format: got {value!r}; expected {{'type': 'text'}}")
+        return None
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise InputError(f"response_format json_schema: got {spec!r}; expected {{'name': ..., 'schema': {{...}}}}")
+        return spec["schema"]  # the runtime checks it against the schema subset it constrains to
+    if kind == "json_object":
+        raise InputError("response_format 'json_object': free-form JSON is not constrained here; pass "
+                         "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}")
+    raise InputError(f"response_format: got {value!r}; expected {{'type': 'text'}} or {{'type': 'json_schema', ...}}")
 
 
 def _messages(messages: Any) -> tuple[bytes, str]:

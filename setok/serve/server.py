@@ -30,6 +30,7 @@ from setok.errors import InputError, SetokError
 from setok.optional import require
 from setok.runtime.pipeline import Pipeline
 from setok.runtime.preprocess import to_rgb_array
+from setok.runtime.sampling import SamplingParams
 from setok.serve import chat as C
 from setok.serve.batcher import Batcher, Job, answer_jobs
 from setok.serve.generate import Completion, Generation, check_context, prompt_length
@@ -163,7 +164,10 @@ class Service:
             if req.stream:
                 slot, held = None, slot  # the stream owns the slot from here on
                 return await self._stream(req, image, held)
-            if req.sampling.greedy:
+            if req.schema is not None:
+                c = await self.call(self._structured, image, req)
+                self.metrics.observe_stages(c.timings)
+            elif req.sampling.greedy:
                 check_context(self.pipe, prompt_length(self.pipe, req.question, 1), req.sampling.max_tokens)
                 self.metrics.queue_depth.set(self.batcher.depth + 1)
                 c = await self.batcher.submit(Job(image, req.question, req.sampling.max_tokens, req.sampling.stop))
@@ -175,6 +179,15 @@ class Service:
         finally:
             if slot is not None:
                 slot.leave()
+
+    def _structured(self, image: np.ndarray, req: C.ChatRequest) -> Completion:
+        """A response_format json_schema answer: Pipeline.answer's schema-constrained decode."""
+        vt, s = self.pipe.tokenize(image), req.sampling
+        params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                                max_new_tokens=s.max_tokens, stop=s.stop)
+        t = self.pipe.answer(vt, req.question, sampling=params, schema=req.schema)
+        return Completion(t.text, t.token_ids, "stop" if t.complete else "length",
+                          prompt_length(self.pipe, req.question, vt.num_tokens), vt.num_tokens, {**vt.timings, **t.timings})
 
     def _generation(self, image: np.ndarray, req: C.ChatRequest) -> Generation:
         return Generation(self.pipe, self.pipe.tokenize(image), req.question, req.sampling)

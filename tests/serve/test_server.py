@@ -28,6 +28,7 @@ from setok.serve.images import rle_decode
 from tests.serve.conftest import API_KEY, running
 
 QUESTION = "how many objects are there"
+COUNT = {"type": "integer", "minimum": 1, "maximum": 5}  # a schema the shipped tokenizer can spell
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 
 
@@ -101,6 +102,17 @@ def test_openai_client_answers_like_the_runtime(server, model, pipe, images, ser
         assert chunks[0].choices[0].delta.role == "assistant" and chunks[-2].choices[0].finish_reason
         assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
         assert chunks[-1].usage.vision_tokens == k
+
+
+def test_response_format_json_schema_is_the_runtimes_constrained_answer(server, model, pipe, images):
+    """response_format json_schema -> Pipeline.answer(schema=...): the content always parses and fits."""
+    c = client(server)
+    fmt = {"type": "json_schema", "json_schema": {"name": "count", "schema": COUNT}}
+    for im in images[:4]:
+        r = c.chat.completions.create(model=model, messages=messages(data_url(im)), max_tokens=8, response_format=fmt)
+        content = r.choices[0].message.content
+        assert content == pipe.answer(im, QUESTION, max_new_tokens=8, schema=COUNT).text
+        assert 1 <= json.loads(content) <= 5 and r.usage.vision_tokens == pipe.tokenize(im).num_tokens
 
 
 def test_sampling_follows_the_runtime(server, model, pipe, images):
@@ -233,8 +245,10 @@ BAD = [  # (name, body or raw bytes, status, words the message must contain)
     ("seed", {"seed": "x"}, 400, "seed"),
     ("stop", {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("n", {"n": 2}, 400, "n=1"),
-    ("json-schema", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, 400,
-     "structured"),
+    ("json-object", {"response_format": {"type": "json_object"}}, 400, "json_schema"),
+    ("json-schema-no-schema", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "schema"),
+    ("json-schema-stream", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": COUNT}},
+                            "stream": True}, 400, "stream"),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("image-over-16MiB", {"url": _url(b"\0" * (17 * 1024 * 1024))}, 413, "at most"),
     ("image-over-40-megapixels", {"url": _url(_huge_png_header())}, 413, "pixels"),
