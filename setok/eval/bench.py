@@ -76,6 +76,12 @@ class TorchTarget:
         tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in llm.parameters()) - (0 if tied else embed.numel() * embed.element_size())
 
+    def _sized(self, image: np.ndarray) -> np.ndarray:
+        """The image at the encoder's input size, through the runtime's own resize + centre crop."""
+        from setok.runtime.preprocess import prepare
+
+        return prepare(image, self.model.cfg.encoder.image_size).rgb
+
     def run(self, image: np.ndarray, max_new_tokens: int) -> tuple[dict[str, float], int, int]:
         import torch
 
@@ -83,8 +89,8 @@ class TorchTarget:
         from setok.model.setokim import QUESTION_PROMPT
 
         m, t = self.model, {}
-        with timed(t, "preprocess"):
-            px = preprocess(torch.from_numpy(image[None]), m.cfg.encoder)
+        with timed(t, "preprocess"):  # resized to the encoder's input as the runtime does (a real-size tower is 224+)
+            px = preprocess(torch.from_numpy(self._sized(image)[None]), m.cfg.encoder)
         with timed(t, "encoder"):
             feats = m.vision.encoder(px)
         with timed(t, "cluster"):
@@ -104,7 +110,7 @@ class TorchTarget:
         from setok.model.setokim import QUESTION_PROMPT
 
         m = self.model
-        vt = m.vision(preprocess(torch.from_numpy(np.stack(images)), m.cfg.encoder))
+        vt = m.vision(preprocess(torch.from_numpy(np.stack([self._sized(i) for i in images])), m.cfg.encoder))
         seqs = [m.prompt(vt.tokens[i, : int(k)], QUESTION_PROMPT, q=QUESTION) for i, k in enumerate(vt.clusters.num_tokens)]
         m.greedy(seqs, max_new_tokens)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from setok import fields as F
 from setok import manifest as M
 from setok.backends.trt.profiles import Profile
 from setok.errors import BundleError
@@ -35,26 +36,26 @@ class EnginesError(BundleError):
 
 
 # ---- engines.json, field by field (the specs of setok.manifest) ---------------------------------
-PROFILE_SHAPES = M.Record({k: (M.ListOf(M.integer(0)), True) for k in ("min", "opt", "max")},
+PROFILE_SHAPES = F.Record({k: (F.ListOf(F.integer(0)), True) for k in ("min", "opt", "max")},
                           what="an object {min, opt, max} of shapes (lists of integers >= 0)")
-ENGINE_INPUT = M.Record({**M.TENSOR.fields, "profiles": (M.ListOf(PROFILE_SHAPES, 1), True)},
+ENGINE_INPUT = F.Record({**M.TENSOR.fields, "profiles": (F.ListOf(PROFILE_SHAPES, 1), True)},
                         what="a tensor record {name, dtype, shape, profiles}")
-MODULE = M.Scalar("a Python module name (dotted identifiers)",
+MODULE = F.Scalar("a Python module name (dotted identifiers)",
                   lambda v: isinstance(v, str) and bool(re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", v)))
-PLUGIN = M.Record({"id": (M.NAME, True), "module": (MODULE, False), "library": (M.NAME, False), "impl": (M.NAME, False)})
-VERSION = M.Scalar('a TensorRT version string such as "10.8.0.43"', lambda v: isinstance(v, str) and bool(re.search(r"\d", v)))
-ENGINE = M.Record({
-    "stage": (M.NAME, True), "file": (M.NAME, True), "sha256": (M.SHA256, True), "source": (M.NAME, True),
-    "precision": (M.NAME, True), "plugin": (M.Nullable(PLUGIN), False), "profiles": (M.ListOf(M.NAME, 1), True),
-    "inputs": (M.ListOf(ENGINE_INPUT, 1), True), "outputs": (M.ListOf(M.TENSOR, 1), True),
+PLUGIN = F.Record({"id": (F.NAME, True), "module": (MODULE, False), "library": (F.NAME, False), "impl": (F.NAME, False)})
+VERSION = F.Scalar('a TensorRT version string such as "10.8.0.43"', lambda v: isinstance(v, str) and bool(re.search(r"\d", v)))
+ENGINE = F.Record({
+    "stage": (F.NAME, True), "file": (F.NAME, True), "sha256": (F.SHA256, True), "source": (F.NAME, True),
+    "precision": (F.NAME, True), "plugin": (F.Nullable(PLUGIN), False), "profiles": (F.ListOf(F.NAME, 1), True),
+    "inputs": (F.ListOf(ENGINE_INPUT, 1), True), "outputs": (F.ListOf(M.TENSOR, 1), True),
     "kv_cache": (M.KV_CACHE, False),
 }, what="an engine record {stage, file, sha256, source, precision, profiles, inputs, outputs}")
-ENGINES = M.Record({
+ENGINES = F.Record({
     "setok_version": (M.TEXT, False), "tensorrt_version": (VERSION, True),
-    "gpu": (M.Record({"name": (M.NAME, True), "compute_capability": (M.ListOf(M.integer(0), 2, 2), True)}), True),
-    "precision": (M.NAME, True), "version_compatible": (M.BOOLEAN, False),
-    "bundle": (M.Record({"manifest_sha256": (M.SHA256, True)}), True), "timing_cache": (M.Nullable(M.TEXT), False),
-    "engines": (M.ListOf(M.ANY_OBJECT, 1, what="a non-empty list of engine records"), True),
+    "gpu": (F.Record({"name": (F.NAME, True), "compute_capability": (F.ListOf(F.integer(0), 2, 2), True)}), True),
+    "precision": (F.NAME, True), "version_compatible": (M.BOOLEAN, False),
+    "bundle": (F.Record({"manifest_sha256": (F.SHA256, True)}), True), "timing_cache": (F.Nullable(M.TEXT), False),
+    "engines": (F.ListOf(M.ANY_OBJECT, 1, what="a non-empty list of engine records"), True),
     "extra": (M.ANY_OBJECT, False),
 })
 
@@ -66,33 +67,33 @@ def check_engines(d: dict[str, Any]) -> None:
     for e in d["engines"]:
         where, names = paths[e["stage"]], e["profiles"]
         if len(set(names)) != len(names):
-            raise M.FieldError(M.at(where, "profiles"), "profile names that differ", names)
+            raise F.FieldError(F.at(where, "profiles"), "profile names that differ", names)
         kv = e.get("kv_cache")
         if kv is not None and len(kv["past"]) != len(kv["present"]):
-            raise M.FieldError(M.at(M.at(where, "kv_cache"), "present"),
+            raise F.FieldError(F.at(F.at(where, "kv_cache"), "present"),
                                f"as many names as kv_cache.past has ({len(kv['past'])})", kv["present"])
         if e.get("plugin") and not (e["plugin"].get("module") or e["plugin"].get("library") or e["plugin"].get("impl") == "aot"):
-            raise M.FieldError(M.at(where, "plugin"), 'a plugin with a "module" or a "library" to load, or "impl": "aot"',
+            raise F.FieldError(F.at(where, "plugin"), 'a plugin with a "module" or a "library" to load, or "impl": "aot"',
                                e["plugin"])
         for j, t in enumerate(e["inputs"]):
-            _check_profiles(t, names, M.at(M.at(where, "inputs"), j))
+            _check_profiles(t, names, F.at(F.at(where, "inputs"), j))
 
 
 def _check_profiles(t: dict[str, Any], names: list[str], where: str) -> None:
     """One (min, opt, max) per profile, each of the tensor's rank, min <= opt <= max, fixed dims kept."""
     if len(t["profiles"]) != len(names):
-        raise M.FieldError(M.at(where, "profiles"), f"one {{min, opt, max}} per profile ({len(names)}: {names})",
+        raise F.FieldError(F.at(where, "profiles"), f"one {{min, opt, max}} per profile ({len(names)}: {names})",
                            t["profiles"])
     for k, p in enumerate(t["profiles"]):
-        here = M.at(M.at(where, "profiles"), k)
+        here = F.at(F.at(where, "profiles"), k)
         for point in ("min", "opt", "max"):
             if len(p[point]) != len(t["shape"]):
-                raise M.FieldError(M.at(here, point), f"a shape of rank {len(t['shape'])} like the tensor's {t['shape']}",
+                raise F.FieldError(F.at(here, point), f"a shape of rank {len(t['shape'])} like the tensor's {t['shape']}",
                                    p[point])
         for axis, (d, lo, opt, hi) in enumerate(zip(t["shape"], p["min"], p["opt"], p["max"])):
             if not lo <= opt <= hi or (isinstance(d, int) and not lo == opt == hi == d):
                 want = f"min = opt = max = {d} (a fixed dim)" if isinstance(d, int) else "min <= opt <= max"
-                raise M.FieldError(here, f"{want} at axis {axis}", p)
+                raise F.FieldError(here, f"{want} at axis {axis}", p)
 
 
 @dataclass
