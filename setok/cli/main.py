@@ -266,9 +266,13 @@ def lint(bundle: Path, target: str, trt_version: str, as_json: bool) -> None:
 @click.option("--frame-loop", is_flag=True,
               help="A bundle's frame loop (same question, new frames): time to first token with and without the "
                    "prompt-prefix KV cache.")
+@click.option("--decode-tokens", type=click.IntRange(0, 1024), default=0, show_default=True,
+              help="Also time this many greedy decode steps per image that ignore <eos> (random-weight LLMs answer "
+                   "<eos> first); decode tokens/s and the bandwidth bound come from them.")
 @user_errors
 def bench_(targets: tuple[Path, ...], compare: bool, backend: str | None, n: int, warmup: int, max_new_tokens: int,
-           batch: int, threads: int | None, json_out: Path | None, plot_out: Path | None, frame_loop: bool) -> None:
+           batch: int, threads: int | None, json_out: Path | None, plot_out: Path | None, frame_loop: bool,
+           decode_tokens: int) -> None:
     """Per-stage latency (median, p90), time per decoded token, end-to-end image -> answer."""
     from setok.eval.bench import bench, plot
     from setok.io import write_json
@@ -285,7 +289,7 @@ def bench_(targets: tuple[Path, ...], compare: bool, backend: str | None, n: int
             write_json(json_out, result)
         click.echo(json.dumps(result, indent=2))
         return
-    result = bench(list(targets), backend, n, warmup, max_new_tokens, batch, threads)
+    result = bench(list(targets), backend, n, warmup, max_new_tokens, batch, threads, decode_tokens)
     if json_out:
         write_json(json_out, result)
     if plot_out:

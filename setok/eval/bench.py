@@ -53,6 +53,25 @@ class RuntimeTarget:
     def run_batch(self, images: list[np.ndarray], max_new_tokens: int) -> None:
         self.pipe.answer_batch(self.pipe.tokenize_batch(images), [QUESTION] * len(images), max_new_tokens)
 
+    def forced_decode(self, image: np.ndarray, steps: int) -> tuple[float, list[float], int]:
+        """Prefill the question prompt, then `steps` greedy steps that ignore <eos>: (prefill s,
+        seconds per step, prompt length). Random-weight LLMs answer <eos> at once, so `run` times
+        no decode step at real size."""
+        pipe = self.pipe
+        _, embeds, _ = pipe._prompt_parts(pipe.tokenize(image), pipe.prompts["question"], q=QUESTION)
+        decoder = pipe._decoder()
+        try:
+            start = time.perf_counter()
+            logits = decoder.step(embeds)[0]
+            prefill, times = time.perf_counter() - start, []
+            for _ in range(steps):
+                start = time.perf_counter()
+                logits = decoder.step(pipe.embeddings[[int(logits[0].argmax())]][None])[0]  # (1, 1, H) fed back
+                times.append(time.perf_counter() - start)
+        finally:
+            decoder.close()
+        return prefill, times, int(embeds.shape[1])
+
 
 class TorchTarget:
     """A checkpoint in PyTorch eager mode, timed at the same stage boundaries."""
@@ -102,6 +121,32 @@ class TorchTarget:
             seq = m.prompt(tokens[0, :k], QUESTION_PROMPT, q=QUESTION)
             ids = m.greedy([seq], max_new_tokens)[0]
         return t, len(ids), k
+
+    def forced_decode(self, image: np.ndarray, steps: int) -> tuple[float, list[float], int]:
+        """RuntimeTarget.forced_decode in PyTorch: HF-style greedy steps on its KV cache, as
+        Setokim.greedy runs them, without the <eos> stop."""
+        import torch
+
+        from setok.model.encoder import preprocess
+        from setok.model.setokim import QUESTION_PROMPT
+
+        m = self.model
+        vt = m.vision(preprocess(torch.from_numpy(self._sized(image)[None]), m.cfg.encoder))
+        batch = m.collate([m.prompt(vt.tokens[0, : int(vt.clusters.num_tokens[0])], QUESTION_PROMPT, q=QUESTION)],
+                          left_pad=True)
+        start = time.perf_counter()
+        out = m.llm(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    use_cache=True)
+        prefill, times = time.perf_counter() - start, []
+        mask, pos = batch.attention_mask, batch.position_ids[:, -1:]
+        for _ in range(steps):
+            start = time.perf_counter()
+            mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos + 1
+            emb = m.llm.get_input_embeddings()(out.logits[:, -1].argmax(-1)).unsqueeze(1)  # (1, 1, H)
+            out = m.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
+                        use_cache=True)
+            times.append(time.perf_counter() - start)
+        return prefill, times, int(batch.embeds.shape[1])
 
     def run_batch(self, images: list[np.ndarray], max_new_tokens: int) -> None:
         import torch
@@ -162,7 +207,9 @@ def open_target(path: str | Path, backend: str | None, threads: int | None = Non
 
 
 def bench(targets: list[str | Path], backend: str | None = None, n: int = 50, warmup: int = 5,
-          max_new_tokens: int = 8, batch: int = 4, threads: int | None = None) -> dict[str, Any]:
+          max_new_tokens: int = 8, batch: int = 4, threads: int | None = None, decode_tokens: int = 0) -> dict[str, Any]:
+    """decode_tokens > 0: also time that many greedy steps per image that ignore <eos> (a random-weight
+    LLM answers <eos> first); decode tokens/s and the bandwidth bound then come from those steps."""
     from setok.data.items import eval_items
 
     if n < 1 or warmup < 0 or batch < 0:
@@ -181,10 +228,13 @@ def bench(targets: list[str | Path], backend: str | None = None, n: int = 50, wa
             start = time.perf_counter()
             timings, generated, tokens = target.run(image, max_new_tokens)
             e2e = time.perf_counter() - start
+            row = {"timings": timings, "e2e": e2e, "generated": generated, "tokens": tokens}
+            if decode_tokens:
+                row["prefill"], row["decode"], row["prompt_len"] = target.forced_decode(image, decode_tokens)
             if i >= warmup:
-                rows[j].append({"timings": timings, "e2e": e2e, "generated": generated, "tokens": tokens})
+                rows[j].append(row)
     result = {"machine": machine(), "n": n, "warmup": warmup, "max_new_tokens": max_new_tokens, "batch": batch,
-              "threads": threads, "targets": [summarize(t, r) for t, r in zip(opened, rows)]}
+              "threads": threads, "decode_tokens": decode_tokens, "targets": [summarize(t, r) for t, r in zip(opened, rows)]}
     result["copy_bandwidth_gbs"] = copy_bandwidth()
     for target, summary in zip(opened, result["targets"]):
         summary["open_rss_mb"] = round(getattr(target, "open_rss_mb", 0.0), 1)
@@ -233,7 +283,18 @@ def summarize(target, rows: list[dict]) -> dict[str, Any]:
         "decode_tokens_per_s": float(1000 / np.median(decode_ms)) if np.median(decode_ms) > 0 else None,
         "ttft_ms": float(np.median(ttft)),
         "tokens_per_image": float(np.mean([r["tokens"] for r in rows])),
+        **_forced(rows),
     }
+
+
+def _forced(rows: list[dict]) -> dict[str, Any]:
+    """The forced decode's medians (each image's first step dropped: it pays the first cache growth)."""
+    if not rows or "decode" not in rows[0]:
+        return {}
+    ms = np.array([x for r in rows for x in r["decode"][1:]] or [x for r in rows for x in r["decode"]]) * 1000
+    return {"generated": [r["generated"] for r in rows], "forced_decode_ms_per_token": float(np.median(ms)),
+            "forced_decode_p90_ms": float(np.percentile(ms, 90)), "decode_tokens_per_s": float(1000 / np.median(ms)),
+            "forced_prefill_ms": float(np.median([r["prefill"] for r in rows]) * 1000), "prompt_len": rows[0]["prompt_len"]}
 
 
 def _rss_mb() -> float:

@@ -43,3 +43,22 @@ def test_bench_two_targets_need_compare(tiny_ckpt, tiny_bundle):
     proc = subprocess.run([sys.executable, "-m", "setok.cli", "bench", str(tiny_ckpt), str(tiny_bundle)],
                           check=False, capture_output=True, text=True)
     assert proc.returncode == 2 and "--compare" in proc.stderr
+
+
+def test_forced_decode_times_every_target_past_eos(tiny_ckpt, tiny_bundle, tmp_path):
+    """--decode-tokens: PyTorch and ONNX Runtime each time that many greedy steps per image, whatever
+    the model answers (a random-weight LLM says <eos> first), and the bandwidth bound uses them."""
+    out = tmp_path / "d.json"
+    proc = subprocess.run([sys.executable, "-m", "setok.cli", "bench", str(tiny_ckpt), str(tiny_bundle), "--compare",
+                           "--n", "2", "--warmup", "0", "--batch", "0", "--decode-tokens", "4", "--json", str(out)],
+                          check=False, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["decode_tokens"] == 4
+    lengths = set()
+    for t in r["targets"]:
+        assert t["forced_decode_p90_ms"] >= t["forced_decode_ms_per_token"] > 0 and t["forced_prefill_ms"] > 0
+        assert t["decode_tokens_per_s"] == pytest.approx(1000 / t["forced_decode_ms_per_token"])
+        assert t["fraction_of_bound"] == pytest.approx(t["decode_tokens_per_s"] / t["bound_tokens_per_s"])
+        lengths.add(t["prompt_len"])
+    assert len(lengths) == 1, "both sides prefill the same prompt"
