@@ -140,14 +140,14 @@ def _language_feeds(pipe, vt, s: Sample, feeds: dict) -> None:
     if s.question:
         seqs.append((prompts["question"], {"q": s.question}, s.answer))
     for template, fields, follow in seqs:
-        embeds, _ = pipe._prompt(vt, template, **fields)
+        embeds, _ = pipe.prompt(vt, template, **fields)
         if follow:
-            embeds = np.concatenate([embeds, _embed(pipe, pipe._encode(" " + follow))], axis=1)
+            embeds = np.concatenate([embeds, _embed(pipe, pipe.encode(" " + follow))], axis=1)
         _llm_run(pipe, embeds, feeds)
 
 
 def _refer_feed(pipe, vt, expr: str, feeds: dict) -> dict[str, np.ndarray]:
-    embeds, first = pipe._prompt(vt, pipe.prompts["refer"], e=expr)
+    embeds, first = pipe.prompt(vt, pipe.prompts["refer"], e=expr)
     hidden = _llm_run(pipe, embeds, feeds)
     return {M.QUERY_HIDDEN: np.ascontiguousarray(hidden[:, -1]),
             M.TOKEN_HIDDEN: np.ascontiguousarray(hidden[:, first:first + vt.num_tokens])}
@@ -155,7 +155,7 @@ def _refer_feed(pipe, vt, expr: str, feeds: dict) -> dict[str, np.ndarray]:
 
 def _regress_feed(pipe, caption: str, k: int, feeds: dict) -> dict[str, np.ndarray]:
     """The draw format the LLM is trained on: <bos> draw.. <im_start> <target>*K; hidden at the slots."""
-    ids = [pipe.ids["<bos>"]] + pipe._encode(pipe.prompts["draw"].format(c=caption))
+    ids = [pipe.ids["<bos>"]] + pipe.encode(pipe.prompts["draw"].format(c=caption))
     ids += [pipe.ids["<im_start>"]] + [pipe.ids["<target>"]] * k
     hidden = _llm_run(pipe, _embed(pipe, ids), feeds)
     return {M.HIDDEN: np.ascontiguousarray(hidden[0, -k:])}

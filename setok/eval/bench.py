@@ -58,8 +58,8 @@ class RuntimeTarget:
         seconds per step, prompt length). Random-weight LLMs answer <eos> at once, so `run` times
         no decode step at real size."""
         pipe = self.pipe
-        _, embeds, _ = pipe._prompt_parts(pipe.tokenize(image), pipe.prompts["question"], q=QUESTION)
-        decoder = pipe._decoder()
+        _, embeds, _ = pipe.prompt_parts(pipe.tokenize(image), pipe.prompts["question"], q=QUESTION)
+        decoder = pipe.decoder()
         try:
             start = time.perf_counter()
             logits = decoder.step(embeds)[0]

@@ -43,7 +43,7 @@ def frame_loop(bundle: Path, n: int = 50, warmup: int = 5, threads: int | None =
         for pipe in pipes.values():
             pipe.close()
     out: dict = {"bundle": str(bundle), "frames": n, "warmup": warmup, "question": question,
-                 "prompt_prefix_tokens": len(pipes["cached"]._encode("question " + question)) + 2}
+                 "prompt_prefix_tokens": len(pipes["cached"].encode("question " + question)) + 2}
     for name in pipes:
         out[name] = {"ttft_ms_median": _ms(np.median(ttft[name])), "ttft_ms_p90": _ms(np.percentile(ttft[name], 90)),
                      "prefill_ms_median": _ms(np.median(prefill[name]))}

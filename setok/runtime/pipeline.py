@@ -210,24 +210,26 @@ class Pipeline:
         return out
 
     # ---- language ---------------------------------------------------------------------------
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        """The bundle tokenizer's ids of `text` (no special tokens)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def _prompt(self, vt: Tokens, template: str, **fields: str) -> tuple[np.ndarray, int]:
-        """Embeddings of <bos> before <im_start> V.. <im_end> after (the manifest's prompt template
-        filled in): exactly num_tokens vision slots. Returns them and the first vision slot."""
-        _, embeds, first = self._prompt_parts(vt, template, **fields)
+    def prompt(self, vt: Tokens, template: str, **fields: str) -> tuple[np.ndarray, int]:
+        """Embeddings (1, L, H) of <bos> before <im_start> V.. <im_end> after (the manifest's prompt
+        template, e.g. `pipe.prompts["question"]`, filled in with `fields`): exactly num_tokens vision
+        slots. Returns them and the first vision slot; what `decoder().step` takes as its prefill."""
+        _, embeds, first = self.prompt_parts(vt, template, **fields)
         return embeds, first
 
-    def _prompt_parts(self, vt: Tokens, template: str, **fields: str) -> tuple[list[int], np.ndarray, int]:
-        """`_prompt`, plus the token ids before the vision slots (the prefix cache's key)."""
+    def prompt_parts(self, vt: Tokens, template: str, **fields: str) -> tuple[list[int], np.ndarray, int]:
+        """`prompt`, plus the token ids before the vision slots (the prefix cache's key)."""
         t = vt.timings
         with timed(t, "projector"):
             vision = self.stage("projector").run({M.VISION_TOKENS: vt.tokens.astype(np.float32)})[M.EMBEDS]
         before, after = M.split_prompt(template, **fields)
-        head_ids = [self.ids["<bos>"]] + self._encode(before) + [self.ids["<im_start>"]]
+        head_ids = [self.ids["<bos>"]] + self.encode(before) + [self.ids["<im_start>"]]
         head = self.embeddings[head_ids]
-        tail = self.embeddings[[self.ids["<im_end>"]] + self._encode(after)]
+        tail = self.embeddings[[self.ids["<im_end>"]] + self.encode(after)]
         return head_ids, np.concatenate([head, vision, tail])[None], len(head)  # (1, L, H), first vision slot
 
     def caption(self, image: ImageInput, max_new_tokens: int | None = None, deadline: float | None = None, *,
@@ -238,7 +240,7 @@ class Pipeline:
                     seed=seed, stop=stop)
         due = _due(deadline)
         vt = self._as_tokens(image)
-        head, embeds, _ = self._prompt_parts(vt, self.prompts["caption"])
+        head, embeds, _ = self.prompt_parts(vt, self.prompts["caption"])
         return self._complete(embeds, vt, s, due, head=head)
 
     def answer(self, image: ImageInput, question: str, max_new_tokens: int | None = None,
@@ -259,7 +261,7 @@ class Pipeline:
         question = _check_text(question, "question")
         guide = self._constraints.get(guided).guide() if guided is not None else None
         vt = self._as_tokens(image)
-        head, embeds, _ = self._prompt_parts(vt, self.prompts["question"], q=question)
+        head, embeds, _ = self.prompt_parts(vt, self.prompts["question"], q=question)
         return self._complete(embeds, vt, s, due, head=head, guide=guide, guided=guided)
 
     def answer_batch(self, images: Sequence[ImageInput], questions: Sequence[str], max_new_tokens: int | None = None,
@@ -279,7 +281,7 @@ class Pipeline:
         vts = [self._as_tokens(x) if isinstance(x, Tokens) else None for x in images]  # own timings per call
         for i, vt in zip(raw, self.tokenize_batch([images[i] for i in raw]) if raw else []):
             vts[i] = vt
-        prompts = [self._prompt(vt, self.prompts["question"], q=q)[0][0] for vt, q in zip(vts, questions)]
+        prompts = [self.prompt(vt, self.prompts["question"], q=q)[0][0] for vt, q in zip(vts, questions)]
         t: dict[str, float] = {}
         ids = self._batch_decode(prompts, s, t)
         texts = [self._finish(x, s)[0] for x in ids]
@@ -332,9 +334,9 @@ class Pipeline:
                     seed=seed, stop=stop)
         vt = self._as_tokens(image)
         if question is None:
-            head, embeds, _ = self._prompt_parts(vt, self.prompts["caption"])
+            head, embeds, _ = self.prompt_parts(vt, self.prompts["caption"])
         else:
-            head, embeds, _ = self._prompt_parts(vt, self.prompts["question"], q=_check_text(question, "question"))
+            head, embeds, _ = self.prompt_parts(vt, self.prompts["question"], q=_check_text(question, "question"))
         ids: list[int] = []
         sent = 0
         for tok, _ in self._decode(embeds, vt.timings, s, head=head):
@@ -396,7 +398,7 @@ class Pipeline:
         """The pixels the expression refers to: `mask` in frame pixels, `mask_crop` in the encoder's."""
         expression = _check_text(expression, "expression")
         vt = self._as_tokens(image)
-        embeds, first = self._prompt(vt, self.prompts["refer"], e=expression)
+        embeds, first = self.prompt(vt, self.prompts["refer"], e=expression)
         t = vt.timings
         with timed(t, "llm_prefill"):
             out = self._llm(embeds)
@@ -416,7 +418,7 @@ class Pipeline:
         """Text -> vision tokens at the LLM's <target> slots -> detokenizer; the LLM picks the count."""
         prompt = _check_text(prompt, "prompt")
         t: dict[str, float] = {}
-        ids = [self.ids["<bos>"]] + self._encode(self.prompts["draw"].format(c=prompt))
+        ids = [self.ids["<bos>"]] + self.encode(self.prompts["draw"].format(c=prompt))
         embeds = self.embeddings[ids][None]
         s = SamplingParams(max_new_tokens=self.max_tokens + 3)
         slots = [h for tok, h in self._decode(embeds, t, s) if tok == self.ids["<target>"]]
@@ -452,8 +454,9 @@ class Pipeline:
         """One prefill pass returning every output (segmentation reads all hidden states)."""
         return self.stage("llm").run(prefill_feeds(self.manifest.stage("llm"), embeds))
 
-    def _decoder(self) -> Decoder:
-        """The backend's own KV-cache decoder (cache kept where its tensors live)."""
+    def decoder(self) -> Decoder:
+        """A fresh KV-cache decoder of the llm stage (cache kept where the backend's tensors live):
+        `step(embeds)` prefills or decodes and returns (logits, hidden); `close()` when done."""
         return self.stage("llm").decoder(1)
 
     def _prefill(self, decoder: Decoder, embeds: np.ndarray, head: list[int] | None, info: dict) -> np.ndarray:
@@ -481,7 +484,7 @@ class Pipeline:
             raise InputError(f"prompt of {embeds.shape[1]} tokens + {n} new exceeds the context of {limit}")
         rng = np.random.default_rng(s.seed)
         info = {} if info is None else info
-        decoder = self._decoder()
+        decoder = self.decoder()
         try:
             with timed(t, "llm_prefill"):
                 logits = self._prefill(decoder, embeds, head, info)

@@ -46,7 +46,7 @@ class Completion:
 
 
 def prompt_length(pipe: Pipeline, question: str, vision_tokens: int) -> int:
-    """Tokens of the question prompt with `vision_tokens` image slots, as `Pipeline._prompt` lays
+    """Tokens of the question prompt with `vision_tokens` image slots, as `Pipeline.prompt` lays
     it out: <bos> before <im_start> V.. <im_end> after."""
     before, after = M.split_prompt(pipe.prompts["question"], q=question)
     encode = pipe.tokenizer.encode
@@ -97,7 +97,7 @@ class Generation:
     def __init__(self, pipe: Pipeline, vt: Tokens, question: str, sampling: Sampling):
         self.pipe, self.vt, self.s = pipe, vt, sampling
         # The runtime lays the prompt out; the server must not lay it out a second way.
-        self.embeds, _ = pipe._prompt(vt, pipe.prompts["question"], q=question)
+        self.embeds, _ = pipe.prompt(vt, pipe.prompts["question"], q=question)
         check_context(pipe, self.embeds.shape[1], sampling.max_tokens)
         self.ids: list[int] = []
         self.finish_reason = "length"

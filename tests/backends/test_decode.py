@@ -11,8 +11,8 @@ from setok.runtime import Pipeline
 def test_io_bound_decoder_matches_the_host_loop(tiny_bundle):
     pipe = Pipeline.open(tiny_bundle)
     vt = pipe.tokenize(eval_items(1, seed=5)[0].image)
-    embeds, _ = pipe._prompt(vt, pipe.prompts["caption"])
-    ort_dec = pipe._decoder()
+    embeds, _ = pipe.prompt(vt, pipe.prompts["caption"])
+    ort_dec = pipe.decoder()
     host = HostDecoder(pipe.stage("llm"), pipe.manifest.stage("llm"))
     assert isinstance(ort_dec, OrtDecoder)
     a, b = ort_dec.step(embeds), host.step(embeds)

@@ -159,7 +159,7 @@ def test_pipeline_on_engines_agrees_with_onnxruntime_end_to_end(engines, tiny_bu
 
     trt_pipe, ort_pipe = Pipeline.open(engines, backend="tensorrt"), Pipeline.open(tiny_bundle)
     try:
-        assert isinstance(trt_pipe._decoder(), TrtDecoder)
+        assert isinstance(trt_pipe.decoder(), TrtDecoder)
         items = eval_items(4, seed=77)
         agree = total = 0
         for it in items:

@@ -57,8 +57,8 @@ def test_tokenize_matches_torch_and_masks_partition_the_image(pipe, model, scene
 def test_llm_sees_exactly_num_tokens(pipe, scenes):
     vt = pipe.tokenize(scenes[0].image)
     q = "how many objects are there"
-    embeds, first = pipe._prompt(vt, pipe.prompts["question"], q=q)
-    before, after = (len(pipe._encode(t)) for t in M.split_prompt(pipe.prompts["question"], q=q))
+    embeds, first = pipe.prompt(vt, pipe.prompts["question"], q=q)
+    before, after = (len(pipe.encode(t)) for t in M.split_prompt(pipe.prompts["question"], q=q))
     assert before > 0 and after > 0  # the question is read before the image, the answer cue after
     assert first == 2 + before  # <bos> question.. <im_start>
     assert embeds.shape[1] == first + vt.num_tokens + 1 + after

@@ -41,7 +41,7 @@ def test_a_frame_loop_with_the_cache_answers_as_without_it(pipes):
     for i, it in enumerate(frames):
         a, b = cached.answer(it.image, q), plain.answer(it.image, q)
         assert a.token_ids == b.token_ids, i
-        assert a.cached_tokens == (0 if i == 0 else len(cached._encode("question " + q)) + 2) and b.cached_tokens == 0
+        assert a.cached_tokens == (0 if i == 0 else len(cached.encode("question " + q)) + 2) and b.cached_tokens == 0
         answers.add(a.text)
         c, d = cached.caption(it.image), plain.caption(it.image)
         assert c.token_ids == d.token_ids
