@@ -18,22 +18,22 @@ from setok.optional import require
 
 log = logging.getLogger(__name__)
 
-PROTO_LIMIT = 2**31 - 1  # protobuf's message limit: bigger graphs keep their weights outside
 HALF = "fp16"
 
 
 def to_fp16(path: Path) -> Path:
     """Rewrite `path` in place as float16 inside, float32 at its I/O; weights stay beside it in
-    an external-data file when the fp32 graph had one or the fp16 one would pass 2 GB."""
+    an external-data file when the fp32 graph had one."""
     import onnx
 
     convert = require(("onnxruntime.transformers.float16",), "ONNX Runtime's float16 converter ships with onnxruntime")
     path = Path(path)
     old_data = [path.parent / rel for rel in M.external_data(path)]
     model = onnx.load(str(path))  # the weights too: every float initializer becomes half
-    large = bool(old_data) or model.ByteSize() // 2 > PROTO_LIMIT // 2
-    # Shape inference on a > 2 GB proto fails (it serializes the model); the converter then
-    # relies on the value_info the exporter already wrote.
+    # An inline fp32 graph is under protobuf's 2 GB, so its half is too: only a graph that already
+    # keeps its weights outside is large. Shape inference on a > 2 GB proto fails (it serializes
+    # the model); the converter then relies on the value_info the exporter already wrote.
+    large = bool(old_data)
     half = convert.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large)
     del model
     for f in old_data:  # read into memory above; the export's temp folder holds this bundle

@@ -19,7 +19,8 @@ import numpy as np
 
 from setok.errors import InputError
 from setok.runtime.pipeline import Pipeline, Text, Tokens
-from setok.serve.generate import Completion, cut_at_stop, prompt_length
+from setok.runtime.sampling import cut_at_stop
+from setok.serve.generate import Completion, prompt_length
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
-"""Decoding for the server: `Pipeline.answer`'s decode, plus what OpenAI clients send that the
-runtime has no argument for yet (top_p, stop strings), as text pieces for streaming.
+"""Decoding for the server: `Pipeline.answer`'s decode with the runtime's own sampler and stop
+strings (setok.runtime.sampling), as text pieces for streaming, stopped between tokens when the
+client leaves.
 
-Greedy decoding and seeded sampling with top_p == 1 pick exactly the tokens the runtime picks
-(the same arithmetic, the same random generator); a test holds both to `Pipeline.answer`.
+Greedy decoding and seeded sampling pick exactly the tokens the runtime picks (the same sampler,
+the same random generator); a test holds both to `Pipeline.answer`.
 Batched greedy answers go through `Pipeline.answer_batch` instead (see `setok.serve.batcher`).
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 from setok import manifest as M
 from setok.errors import InputError
 from setok.runtime.pipeline import Pipeline, Tokens, timed
+from setok.runtime.sampling import SamplingParams, cut_at_stop, held_back, pick
 
 MAX_NEW_TOKENS = 4096  # the runtime's own limit
 
@@ -33,6 +35,12 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
+
+    @property
+    def params(self) -> SamplingParams:
+        """The runtime's form of these options (OpenAI's max_tokens is its max_new_tokens)."""
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                              max_new_tokens=self.max_tokens, stop=self.stop)
 
 
 @dataclass
@@ -61,41 +69,13 @@ def check_context(pipe: Pipeline, prompt_tokens: int, max_tokens: int) -> None:
                          f"of {limit}; lower max_tokens or shorten the question")
 
 
-def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """Text up to the first stop string (excluded), and whether one was found."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters could still start a stop string: not streamed yet."""
-    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
-
-
-def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
-    """As the runtime's sampler, plus nucleus (top_p) filtering, which it lacks."""
-    if s.greedy:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / s.temperature
-    if s.top_k > 0:
-        z[np.argsort(z)[: -s.top_k]] = -np.inf
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if s.top_p < 1:
-        order = np.argsort(-p, kind="stable")
-        keep = order[: int(np.searchsorted(np.cumsum(p[order]), s.top_p)) + 1]  # smallest set with mass >= top_p
-        kept = np.zeros_like(p)
-        kept[keep] = p[keep]
-        p = kept / kept.sum()
-    return int(rng.choice(len(p), p=p))
-
-
 class Generation:
     """One request's decode: the prompt is built (and checked) on construction, so a request that
     cannot run fails before a streamed response has started."""
 
     def __init__(self, pipe: Pipeline, vt: Tokens, question: str, sampling: Sampling):
         self.pipe, self.vt, self.s = pipe, vt, sampling
+        self.params = sampling.params  # the runtime's sampler options, built once (not per token)
         # The runtime lays the prompt out; the server must not lay it out a second way.
         self.embeds, _ = pipe.prompt(vt, pipe.prompts["question"], q=question)
         check_context(pipe, self.embeds.shape[1], sampling.max_tokens)
@@ -111,7 +91,7 @@ class Generation:
             with timed(t, "llm_prefill"):
                 logits, _ = decoder.step(self.embeds)
             for i in range(self.s.max_tokens):
-                tok = pick(logits[0], self.s, rng)
+                tok = pick(logits[0], self.params, rng)
                 if tok == pipe.ids["<eos>"]:
                     self.finish_reason = "stop"
                     return

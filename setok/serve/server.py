@@ -30,7 +30,6 @@ from setok.errors import InputError, SetokError
 from setok.optional import require
 from setok.runtime.pipeline import Pipeline
 from setok.runtime.preprocess import to_rgb_array
-from setok.runtime.sampling import SamplingParams
 from setok.serve import chat as C
 from setok.serve.batcher import Batcher, Job, answer_jobs
 from setok.serve.generate import Completion, Generation, check_context, prompt_length
@@ -182,10 +181,8 @@ class Service:
 
     def _structured(self, image: np.ndarray, req: C.ChatRequest) -> Completion:
         """A response_format json_schema answer: Pipeline.answer's schema-constrained decode."""
-        vt, s = self.pipe.tokenize(image), req.sampling
-        params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
-                                max_new_tokens=s.max_tokens, stop=s.stop)
-        t = self.pipe.answer(vt, req.question, sampling=params, schema=req.schema)
+        vt = self.pipe.tokenize(image)
+        t = self.pipe.answer(vt, req.question, sampling=req.sampling.params, schema=req.schema)
         return Completion(t.text, t.token_ids, "stop" if t.complete else "length",
                           prompt_length(self.pipe, req.question, vt.num_tokens), vt.num_tokens, {**vt.timings, **t.timings})
 
