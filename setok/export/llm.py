@@ -6,7 +6,9 @@ How optimum is used: the family's own ONNX config (`LlamaOnnxConfig`, `Qwen2Onnx
 `input_ids` and returns the last hidden state next to `logits` and the presents. optimum's
 `exporters.onnx.export` then does the work: dummy inputs from its generators, dynamic axes from the
 config, its `ModelPatcher` (traceable causal masks, DynamicCache <-> tuple conversion, TorchScript
-workarounds for transformers >= 4.53) and `fix_dynamic_axes`; `validate_model_outputs` checks the file.
+workarounds for transformers >= 4.53); `_trace` runs what its `exporters.onnx.export` runs, except that
+weights past EXTERNAL_DATA_BYTES are streamed to external data (export/external.py) rather than built
+into an in-memory proto, and `validate_llm` (prefill and decode) checks the file.
 
 A thin wrapper module sits between optimum and the LLM for two reasons: the ONNX input order follows the
 traced forward signature (LlamaForCausalLM puts `inputs_embeds` after `past_key_values`), and HF returns
@@ -19,6 +21,7 @@ is needed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -30,6 +33,13 @@ import torch
 from torch import nn
 
 from setok import manifest as M
+from setok.export.external import (
+    attach_external,
+    capture_params,
+    linear_views,
+    param_bytes,
+    release_freed_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +171,8 @@ def _set_attention(llm, impl: str | None) -> str | None:
 
 
 def export_llm(llm, out_dir: Path, opset: int = 17) -> Path:
-    """Write out_dir/llm.onnx (fp32, dynamic batch / sequence / past) and return its path."""
-    from optimum.exporters.onnx.convert import export, validate_model_outputs
-
+    """Write out_dir/llm.onnx (fp32, dynamic batch / sequence / past) and return its path. Weights past
+    EXTERNAL_DATA_BYTES go to llm.onnx.data, streamed (export/external.py)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ONNX_NAME
@@ -175,30 +184,60 @@ def export_llm(llm, out_dir: Path, opset: int = 17) -> Path:
     use_cache = getattr(llm.config, "use_cache", None)  # optimum overrides it on the shared config
     training = llm.training  # export needs eval mode; a caller mid-training gets its mode back
     try:
-        shapes = {"batch_size": 2, "sequence_length": 16}
         with warnings.catch_warnings():
             # The tracer flags two Python branches it freezes: "cache is empty?" (traced with a
             # non-empty past, so the frozen branch is the Concat that also handles length 0) and
             # "mask shorter than kv?" (never: the runtime always feeds the full past+seq mask).
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            export(wrapper, config, path, opset=opset, input_shapes=shapes)
-        validate_model_outputs(config, wrapper, path, list(config.outputs), atol=1e-4,
-                               input_shapes=shapes, use_subprocess=False)
+            _trace(wrapper, config, path, opset, external=param_bytes(llm) > EXTERNAL_DATA_BYTES)
     finally:
         _set_attention(llm, before)
         llm.train(training)
         if use_cache is not None:
             llm.config.use_cache = use_cache
-    _maybe_externalize(path)
     log.info("exported %s (opset %d, %d layers)", path, opset, llm.config.num_hidden_layers)
     return path
 
 
-def _maybe_externalize(path: Path) -> None:
+@torch.no_grad()
+def _trace(wrapper, config, path: Path, opset: int, external: bool) -> None:
+    """What optimum's `exporters.onnx.export` does for PyTorch (its dummy inputs, `ModelPatcher`, input
+    order and dynamic axes), with one change: large weights are streamed to external data instead of
+    going through an in-memory proto. Validation is validate_llm's (prefill and decode), not optimum's."""
+    from optimum.exporters.onnx.convert import check_dummy_inputs_are_allowed
+
+    wrapper.config.return_dict = True
+    for key, value in (config.values_override or {}).items():
+        setattr(wrapper.config, key, value)
+    dummy = config.rename_ambiguous_inputs(
+        config.generate_dummy_inputs(framework="pt", batch_size=2, sequence_length=16))
+    params: dict = {}
+    capture = contextlib.nullcontext()
+    if external:
+        try:
+            capture = capture_params(params)
+        except LookupError as e:  # another PyTorch: export inline, then move the weights out
+            log.warning("weights not streamed (%s); the export holds them in memory", e)
+            external = False
+    with config.patch_model_for_export(wrapper, model_kwargs={}), linear_views(wrapper), capture:
+        check_dummy_inputs_are_allowed(wrapper, dummy)
+        inputs = config.ordered_inputs(wrapper)
+        torch.onnx.export(
+            wrapper, (dummy,), f=str(path), input_names=list(inputs), output_names=list(config.outputs),
+            dynamic_axes={**inputs, **config.outputs}, do_constant_folding=True, opset_version=opset,
+            export_params=not external, dynamo=False,
+        )
+    if external:
+        attach_external(path, params)
+        params.clear()
+        release_freed_memory()  # the trace's temporaries, before validation opens a session beside the weights
+    elif path.stat().st_size > EXTERNAL_DATA_BYTES:
+        _externalize(path)
+
+
+def _externalize(path: Path) -> None:
     import onnx
 
-    if path.stat().st_size <= EXTERNAL_DATA_BYTES:
-        return
     model = onnx.load(str(path))
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
               location=path.name + ".data")
@@ -209,7 +248,10 @@ def _session(onnx_path: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # tiny graphs; don't fight the other stages for cores
+    opts.intra_op_num_threads = 1  # two short steps; don't fight the other stages for cores
+    # Prepacking copies every MatMul weight into a kernel layout (+0.5 GB at the 0.5B shape) for a
+    # speed validation does not need; without it ORT reads external data straight from its mapping.
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -17,6 +17,7 @@ import torch
 
 import setok
 from setok import manifest as M
+from setok.export.external import release_freed_memory
 from setok.export.half import HALF, to_fp16
 from setok.export.stages import STAGES, Stage, flow
 from setok.io import atomic_dir
@@ -115,6 +116,7 @@ def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: b
                     st.validate(dataclasses.replace(st, tolerance=st.half_tolerance), model, path, example)
             entries.append(_entry(st, model, path, opset, precision))
             files.update({role: {"file": f, "sha256": M.sha256(tmp / f)} for role, f in st.files})
+            release_freed_memory()  # a stage's protos and sessions, before the next (larger) one
         text = text_contract(model, max_context)
         M.Manifest(setok.__version__, model.cfg.to_dict(), preprocessing(model), entries, files, text).write(tmp)
     log.info("bundle written to %s", out)

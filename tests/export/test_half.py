@@ -86,3 +86,39 @@ def test_tensorrt_builds_a_half_graph_as_such():
     plan = plan_stage("encoder", "fp16", "fp32", trt_major=10)
     assert plan.precision == "fp16" and plan.strongly_typed and "float16" in plan.note
     assert plan_stage("encoder", "fp16", "fp16", trt_major=11).note == ""
+
+
+def test_streamed_half_equals_the_converters_own(tiny_bundle, tmp_path):
+    """A graph with external data is converted without loading its weights (export/half.py): the
+    result is the ORT converter's in-memory conversion, node for node and byte for byte."""
+    import shutil
+
+    import torch
+
+    from setok.export.external import attach_external
+    from setok.export.half import to_fp16
+
+    inline, external = tmp_path / "inline" / "llm.onnx", tmp_path / "external" / "llm.onnx"
+    for p in (inline, external):
+        p.parent.mkdir()
+        shutil.copy(tiny_bundle / "llm.onnx", p)
+    # The same graph with its initializers moved to llm.onnx.data.
+    m = onnx.load(str(external))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    del m.graph.initializer[:]
+    m.graph.input.extend(onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(w.dtype), w.shape)
+                         for n, w in weights.items())
+    onnx.save(m, str(external))
+    attach_external(external, {n: torch.from_numpy(w.copy()) for n, w in weights.items()})
+    assert M.external_data(external) == ["llm.onnx.data"]
+    to_fp16(inline)
+    to_fp16(external)
+    a, b = onnx.load(str(inline)), onnx.load(str(external))
+    assert [(n.op_type, list(n.input)) for n in a.graph.node] == [(n.op_type, list(n.input)) for n in b.graph.node]
+    wa = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
+    wb = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert wa.keys() == wb.keys()
+    assert sum(w.dtype == np.float16 for w in wb.values()) > 10
+    for name, w in wa.items():
+        assert wb[name].dtype == w.dtype and np.array_equal(wb[name], w), name
+    assert sorted(p.name for p in external.parent.iterdir()) == ["llm.onnx", "llm.onnx.data"]

@@ -112,3 +112,49 @@ def test_greedy_decode_matches_pytorch(exported):
     got = _ort_greedy(_session(path), table)
     assert got.shape == (2, STEPS)
     np.testing.assert_array_equal(got, expected)
+
+
+def _initializers(path):
+    model = onnx.load(str(path))
+    return model, {t.name: onnx.numpy_helper.to_array(t, base_dir=str(path.parent)) for t in model.graph.initializer}
+
+
+def test_streamed_weights_make_the_same_graph(exported, tmp_path, monkeypatch):
+    """Past EXTERNAL_DATA_BYTES the weights are streamed to llm.onnx.data (no in-memory proto): the
+    graph is node for node the inline one, every weight byte-identical, at page-aligned offsets."""
+    from setok.export import external
+    from setok.export import llm as L
+
+    llm, inline = exported
+    monkeypatch.setattr(L, "EXTERNAL_DATA_BYTES", 0)
+    streamed = export_llm(llm, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llm.onnx", "llm.onnx.data"]
+    a, wa = _initializers(inline)
+    b, wb = _initializers(streamed)
+    assert [(n.op_type, list(n.input)) for n in a.graph.node] == [(n.op_type, list(n.input)) for n in b.graph.node]
+    assert [i.name for i in a.graph.input] == [i.name for i in b.graph.input]
+    assert wa.keys() == wb.keys() and len(wa) > 10
+    for name, value in wa.items():
+        assert wb[name].dtype == value.dtype and np.array_equal(wb[name], value), name
+    refs = onnx.load(str(streamed), load_external_data=False).graph.initializer
+    offsets = [int(e.value) for t in refs for e in t.external_data if e.key == "offset"]
+    assert len(offsets) == len(wb) and all(o % external.ALIGN == 0 for o in offsets)
+    onnx.checker.check_model(str(streamed))
+    assert validate_llm(llm, streamed)["decode_logits_max_abs"] < 1e-4
+
+
+def test_without_the_exporter_hook_it_still_externalises(exported, tmp_path, monkeypatch):
+    """A PyTorch whose TorchScript exporter has no `_model_to_graph` to wrap: inline export, then the
+    weights are moved out (the memory-hungry way, with a warning)."""
+    from setok.export import external
+    from setok.export import llm as L
+
+    def missing():
+        raise LookupError("no _model_to_graph")
+
+    llm, _ = exported
+    monkeypatch.setattr(L, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(external, "_exporter_module", missing)
+    path = export_llm(llm, tmp_path)
+    assert (tmp_path / "llm.onnx.data").stat().st_size > path.stat().st_size
+    assert validate_llm(llm, path)["prefill_logits_max_abs"] < 1e-4
