@@ -97,6 +97,11 @@ class SetokimConfig:
     # "setok" (DPC-KNN clusters), "patch" (every patch is a token), "topk" (fixed K centers).
     tokenizer: str = "setok"
     topk_tokens: int = 16
+    # A head that places each generated token: one of the 3x3 cells, then (x, y) within it, in place
+    # of the regressed dims 0-1 (MSE alone put every object near the centre; docs/generation.md).
+    # `setok train --place-head`; off for checkpoints saved before it existed and, until a shipped
+    # checkpoint is retrained with it, in the presets.
+    place_head: bool = False
     preset: str = "custom"
 
     def to_dict(self) -> dict[str, Any]:

@@ -50,6 +50,9 @@ def main(verbose: bool) -> None:
 @click.option("--tune-merger", is_flag=True,
               help="Stage 2 also trains the merger and detokenizer (LLM losses + reconstruction); the encoder, "
                    "hence the clustering, stays frozen.")
+@click.option("--place-head", is_flag=True,
+              help="Generation places each token by a 3x3-cell classification plus a position in the cell, "
+                   "instead of regressing its centroid with MSE (docs/generation.md).")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Global batch (split over torchrun processes); default per preset.")
 @click.option("--encoder", "encoder_path", type=click.Path(exists=True, file_okay=False), default=None,

@@ -138,11 +138,11 @@ def _llm(model, pipe, vision: torch.Tensor, rows: dict) -> None:
     rows["llm_teacher_forced"].append(agree)
     h = hidden[0]
     slots = _target_hidden(model, vision.shape[0])  # what the head sees when the LLM draws
-    rows["regress_head"].append(compare(M.VISION_TOKENS, model.regress(slots).numpy(),
+    from setok.model.setokim import SegHead, TokenHead
+
+    rows["regress_head"].append(compare(M.VISION_TOKENS, TokenHead(model)(slots).numpy(),
                                         pipe.stage("regress_head").run(_feeds(hidden=slots))[M.VISION_TOKENS]))
     q, kh = h[-1:], h[2:2 + vision.shape[0]][None]
-    from setok.model.setokim import SegHead
-
     ref = SegHead(model)(q, kh)
     rows["seg_head"].append(compare(M.SEG_LOGITS, ref.numpy(), pipe.stage("seg_head").run(_feeds(query_hidden=q, token_hidden=kh))[M.SEG_LOGITS]))
 

@@ -236,7 +236,7 @@ register(Stage("llm", lazy("setok.export.llm:llm_specs"), lambda f: {}, lambda m
                files=(("embeddings", "llm_embeddings.npy"), ("tokenizer", "tokenizer.json")),
                record=lazy("setok.export.llm:llm_record")))
 register(Stage("regress_head", io({M.HIDDEN: (F32, _hidden)}, {M.VISION_TOKENS: (F32, _tokens)}),
-               lambda f: {M.HIDDEN: f.hidden[0]}, lambda m: m.regress))
+               lambda f: {M.HIDDEN: f.hidden[0]}, lazy("setok.model.setokim:TokenHead")))
 register(Stage("seg_head", io({M.QUERY_HIDDEN: (F32, _query), M.TOKEN_HIDDEN: (F32, _token_hidden)},
                               {M.SEG_LOGITS: (F32, _seg)}),
                lambda f: {M.QUERY_HIDDEN: f.hidden[:, 0], M.TOKEN_HIDDEN: f.hidden}, _seg_module))

@@ -36,7 +36,9 @@ CAPTION_PROMPT = "{image} caption"
 QUESTION_PROMPT = "question {q} {image} answer"
 REFER_PROMPT = "find {e} {image}"
 DRAW_PROMPT = "draw {c}"
-LOSS_NAMES = ("lm", "regress", "seg")  # Setokim.loss_sums' keys, in this order
+LOSS_NAMES = ("lm", "regress", "seg", "place")  # Setokim.loss_sums' keys, in this order
+CELLS = 3  # the place head's grid per axis (the scenes' 3x3 positions)
+PLACE_OFFSET_WEIGHT = 10.0  # (x, y) in [0, 1]: squared errors ~0.01 against a cross-entropy ~1
 
 
 @dataclass
@@ -131,6 +133,56 @@ class SegHead(nn.Module):
         return (self.k(token_hidden) @ q).squeeze(-1) / q.shape[1] ** 0.5  # (B, K, H) @ (B, H, 1) -> (B, K)
 
 
+class PlaceHead(nn.Module):
+    """Where a generated token goes: logits over the CELLS x CELLS cells and an (x, y) per cell.
+    A mixture of 9 instead of one MSE regression: an averaged position is the image centre."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.cells = CELLS * CELLS
+        self.net = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 3 * self.cells))
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(K, H) -> cell logits (K, 9) and per-cell (x, y) (K, 9, 2)."""
+        out = self.net(h)
+        return out[:, : self.cells], out[:, self.cells :].reshape(-1, self.cells, 2)
+
+    def loss_sum(self, h: Tensor, xy: Tensor) -> Tensor:
+        """Cross-entropy of the true cell plus the weighted squared error of its (x, y), summed."""
+        logits, xy_per_cell = self(h)
+        cell = cell_of(xy)  # (K,)
+        chosen = xy_per_cell.gather(1, cell.view(-1, 1, 1).expand(-1, 1, 2)).squeeze(1)  # (K, 2)
+        sq = F.mse_loss(chosen, xy, reduction="sum") / 2  # per token, like the mean over its 2 coords
+        return F.cross_entropy(logits, cell, reduction="sum") + PLACE_OFFSET_WEIGHT * sq
+
+    def place(self, h: Tensor) -> Tensor:
+        """(K, H) -> (K, 2): the (x, y) of the most likely cell."""
+        logits, xy_per_cell = self(h)
+        cell = logits.argmax(-1)  # (K,)
+        return xy_per_cell.gather(1, cell.view(-1, 1, 1).expand(-1, 1, 2)).squeeze(1)  # (K, 9, 2) -> (K, 2)
+
+
+def cell_of(xy: Tensor) -> Tensor:
+    """(K, 2) positions in [0, 1] -> (K,) row-major cell index."""
+    c = (xy.clamp(0, 1 - 1e-6) * CELLS).long()  # (K, 2) column, row
+    return c[:, 1] * CELLS + c[:, 0]
+
+
+class TokenHead(nn.Module):
+    """The regress_head stage: hidden states at <target> slots -> vision tokens; with a place head,
+    its position replaces the regressed dims 0-1 (a token's centroid)."""
+
+    def __init__(self, model: Setokim):
+        super().__init__()
+        self.regress, self.place = model.regress, model.place
+
+    def forward(self, h: Tensor) -> Tensor:
+        tokens = self.regress(h)  # (K, D)
+        if self.place is None:
+            return tokens
+        return torch.cat([self.place.place(h), tokens[:, 2:]], -1)  # (K, 2) + (K, D - 2)
+
+
 class Setokim(nn.Module):
     def __init__(self, cfg: SetokimConfig, tokenizer, pretrained: bool = False):
         """`pretrained`: start from the weights of the configs' Hugging Face directories (training
@@ -144,6 +196,7 @@ class Setokim(nn.Module):
         d = cfg.merger.token_dim
         self.projector = Projector(d, hidden)
         self.regress = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d))
+        self.place = PlaceHead(hidden) if cfg.place_head else None
         self.seg_query = nn.Linear(hidden, hidden)
         self.seg_key = nn.Linear(hidden, hidden)
         self.ids = T.special_ids(tokenizer)
@@ -242,6 +295,8 @@ class Setokim(nn.Module):
             pred = self.regress(hidden[rows][slots])  # (sum K, D)
             target = torch.cat([batch.seqs[i].targets for i in rows], 0)
             out["regress"] = (F.mse_loss(pred, target, reduction="sum"), target.numel())
+            if self.place is not None:
+                out["place"] = (self.place.loss_sum(hidden[rows][slots], target[:, :2]), len(target))
         rows = [i for i, s in enumerate(batch.seqs) if s.seg_labels is not None]
         if rows:
             seg = torch.cat([self.seg_logits(batch, hidden, i) for i in rows])
@@ -324,7 +379,7 @@ class Setokim(nn.Module):
             # hs[j] is the hidden state of fed-back token ids[j]; regress only at <target>.
             slots = [h for tok, h in zip(ids, hs) if tok == self.ids[T.TARGET]][:t_max]
             if slots:
-                tokens[i, : len(slots)] = self.regress(torch.stack(slots))
+                tokens[i, : len(slots)] = TokenHead(self)(torch.stack(slots))
             counts[i] = max(len(slots), 1)
         return tokens, counts
 

@@ -88,6 +88,8 @@ class TrainOptions:
     # Stage 2 also trains merger + detokenizer (clusters fixed: the encoder stays frozen), so the
     # LLM's losses shape what a token carries; reconstruction keeps the detokenizer in step.
     tune_merger: bool = False
+    # A place head at the <target> slots (cell + position of each generated token, its own loss).
+    place_head: bool = False
     # Where the steps run: "cpu", "cuda" / "cuda:N" or "auto"; under torchrun each rank takes
     # cuda:LOCAL_RANK. bf16 autocasts the forward passes (weights and optimizer stay float32).
     device: str = "cpu"
@@ -135,6 +137,7 @@ def train(opts: TrainOptions) -> Path:
     if opts.encoder_path:
         cfg.encoder = tower_config(cfg.encoder, opts.encoder_path)  # image size, patch grid, normalisation
     cfg.encoder.freeze = opts.freeze_encoder
+    cfg.place_head = opts.place_head
     cfg.llm.hf_path = opts.llm_path
     state = _load_state(opts) if opts.resume else None
     if state is not None:

@@ -283,3 +283,33 @@ def test_the_shipped_checkpoint_is_what_the_demo_runs_and_it_loads(tmp_path):
     assert default_checkpoint(tmp_path, said.append) == SHIPPED_CHECKPOINT and not said
     model = Setokim.from_pretrained(SHIPPED_CHECKPOINT)
     assert model.cfg.preset == "small" and model.cfg.merger.shape_code
+
+
+def test_the_place_head_sets_dims_0_1_from_the_chosen_cell():
+    """With a place head, a generated token's (x, y) is the most likely cell's; the rest is the
+    regression's. Trained on its loss it learns cells and positions. Without it (checkpoints from
+    before, place_head false) the tokens are the regression's alone."""
+    from setok.config import preset
+    from setok.model.setokim import PlaceHead, Setokim, TokenHead, cell_of
+    from setok.model.text import train_text_tokenizer
+
+    assert cell_of(torch.tensor([[0.1, 0.1], [0.9, 0.1], [0.5, 0.5], [0.0, 1.0]])).tolist() == [0, 2, 4, 6]
+    torch.manual_seed(0)
+    head = PlaceHead(16)
+    h, xy = torch.randn(12, 16), torch.rand(12, 2)
+    logits, per_cell = head(h)
+    assert torch.equal(head.place(h), per_cell[torch.arange(12), logits.argmax(-1)])
+    opt = torch.optim.Adam(head.parameters(), 1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        head.loss_sum(h, xy).backward()
+        opt.step()
+    assert torch.equal(cell_of(head.place(h)), cell_of(xy))
+    assert (head.place(h) - xy).abs().max() < 0.05
+
+    cfg = preset("tiny")
+    cfg.place_head = False
+    plain = Setokim(cfg, train_text_tokenizer(["a red circle", "a blue square"], 64))
+    assert plain.place is None and "place" not in {n.split(".")[0] for n, _ in plain.named_parameters()}
+    hid = torch.randn(3, plain.llm.config.hidden_size)
+    assert torch.equal(TokenHead(plain)(hid), plain.regress(hid))

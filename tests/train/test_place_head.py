@@ -1,0 +1,45 @@
+"""`setok train --place-head`: generation places each token by a cell classification plus a position
+in that cell (Setokim.place). Trained for real (a few steps), exported, and run by the runtime: the
+bundle's regress_head computes what PyTorch's TokenHead computes, argmax over cells included."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import torch
+
+from setok.model.setokim import Setokim, TokenHead
+
+
+def test_train_export_and_run_with_the_place_head(tmp_path):
+    ck, bundle = tmp_path / "ck", tmp_path / "b"
+    proc = subprocess.run([sys.executable, "-m", "setok.cli", "train", "--preset", "tiny", "--steps", "12",
+                           "--place-head", "--out", str(ck)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((ck / "config.json").read_text())["place_head"] is True
+    history = json.loads((ck / "training_state.json").read_text())["history"]
+    stage2 = [h for h in history if h["stage"] == 2]
+    assert stage2 and all(h["place"] > 0 for h in stage2)
+    assert all("place" not in h for h in history if h["stage"] == 1)
+
+    proc = subprocess.run([sys.executable, "-m", "setok.cli", "export", str(ck), "--out", str(bundle)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # every stage validated against PyTorch at export
+    graph = onnx.load(str(bundle / "regress_head.onnx")).graph
+    assert "ArgMax" in {n.op_type for n in graph.node}
+
+    from setok.runtime import Pipeline
+
+    model = Setokim.from_pretrained(ck).eval()
+    h = torch.randn(6, model.llm.config.hidden_size)
+    with torch.no_grad():
+        want = TokenHead(model)(h).numpy()
+        placed = model.place.place(h).numpy()
+    pipe = Pipeline.open(bundle, threads=1)
+    got = pipe.stage("regress_head").run({"hidden": h.numpy()})["vision_tokens"]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.allclose(got[:, :2], placed, atol=1e-5)
+    image = pipe.generate_image("a red circle at the top left")
+    assert image.image.shape[:2] == (model.cfg.encoder.image_size,) * 2
