@@ -291,12 +291,11 @@ class Setokim(nn.Module):
             out["lm"] = (per_seq[rows].sum(), int(rows.sum()))
         rows = [i for i, s in enumerate(batch.seqs) if s.targets is not None]
         if rows:
-            slots = batch.ids[rows] == self.ids[T.TARGET]  # (R, L)
-            pred = self.regress(hidden[rows][slots])  # (sum K, D)
+            at_slots = hidden[rows][batch.ids[rows] == self.ids[T.TARGET]]  # (sum K, H)
             target = torch.cat([batch.seqs[i].targets for i in rows], 0)
-            out["regress"] = (F.mse_loss(pred, target, reduction="sum"), target.numel())
+            out["regress"] = (F.mse_loss(self.regress(at_slots), target, reduction="sum"), target.numel())
             if self.place is not None:
-                out["place"] = (self.place.loss_sum(hidden[rows][slots], target[:, :2]), len(target))
+                out["place"] = (self.place.loss_sum(at_slots, target[:, :2]), len(target))
         rows = [i for i, s in enumerate(batch.seqs) if s.seg_labels is not None]
         if rows:
             seg = torch.cat([self.seg_logits(batch, hidden, i) for i in rows])

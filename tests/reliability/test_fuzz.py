@@ -41,6 +41,12 @@ def _png() -> bytes:
 PNG = _png()
 
 
+# Shared by the mutation fuzzers below: reproducible (derandomized, no example database), and the
+# fixtures / large documents they use are expected.
+MUTATION_SETTINGS = {"deadline": None, "derandomize": True, "database": None,
+                     "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                               HealthCheck.data_too_large]}
+
 @settings(max_examples=150, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.one_of(st.binary(max_size=512),
@@ -286,9 +292,7 @@ def test_structured_manifest_fuzz_through_setok_run(doc, scratch):
     stage_paths = [p for p in paths if p[0] == "stages"]
     outcomes: list[tuple[str, str]] = []
 
-    @settings(max_examples=80, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                     HealthCheck.data_too_large])
+    @settings(max_examples=80, **MUTATION_SETTINGS)
     @given(case=mutations(doc, paths, stage_paths))
     def one(case):
         d, _ = case  # (document, the mutations applied: hypothesis prints them on a failure)
@@ -336,9 +340,7 @@ def test_structured_manifest_fuzz_through_export_triton(doc, scratch):
     stage_paths = [p for p in paths if p[0] == "stages"]
     outcomes = []
 
-    @settings(max_examples=30, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                     HealthCheck.data_too_large])
+    @settings(max_examples=30, **MUTATION_SETTINGS)
     @given(case=mutations(doc, paths, stage_paths))
     def one(case):
         (scratch / "b" / M.MANIFEST).write_text(json.dumps(case[0]))
@@ -424,9 +426,7 @@ def test_structured_engines_fuzz_through_the_reader_and_export_triton(engines_di
     engine_paths = [p for p in paths if p[0] == "engines"]
     refused = []
 
-    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                     HealthCheck.data_too_large])
+    @settings(max_examples=200, **MUTATION_SETTINGS)
     @given(case=mutations(doc, paths, engine_paths), cli=st.integers(0, 9))
     def one(case, cli):
         (folder / E.ENGINES_MANIFEST).write_text(json.dumps(case[0]))
