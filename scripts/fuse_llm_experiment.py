@@ -53,6 +53,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from setok.export.attention import prune  # the shipped form's (setok export --llm-attention gqa)
+
 log = logging.getLogger("fuse_llm")
 
 NUM_HEADS, HIDDEN = 14, 896
@@ -212,24 +214,6 @@ def gqa_layer(i: int, attn_out: str, kv_heads: int) -> list[onnx.NodeProto]:
              [attn_out, f"present.{i}.key", f"present.{i}.value"], name=f"{a}/GroupQueryAttention", domain="com.microsoft",
              num_heads=NUM_HEADS, kv_num_heads=kv_heads, scale=(HIDDEN // NUM_HEADS) ** -0.5, do_rotary=0)
     return [*rot, att]
-
-
-def prune(g: onnx.GraphProto) -> None:
-    """Drop nodes nothing downstream of the graph outputs reads, then unread initializers."""
-    producer = {o: n for n in g.node for o in n.output}
-    live, todo = set(), [o.name for o in g.output]
-    while todo:
-        n = producer.get(todo.pop())
-        if n is not None and id(n) not in live:
-            live.add(id(n))
-            todo.extend(x for x in n.input if x)
-    keep = [n for n in g.node if id(n) in live]
-    del g.node[:]
-    g.node.extend(keep)
-    read = {x for n in g.node for x in n.input}
-    inits = [t for t in g.initializer if t.name in read]
-    del g.initializer[:]
-    g.initializer.extend(inits)
 
 
 def gqa_rewrite(src: Path, dst: Path) -> dict:

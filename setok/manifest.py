@@ -62,6 +62,11 @@ IMAGE_SLOT = "{image}"
 # config carries past_names / present_names); the runtime reads them from there.
 PAST_NAMES = ("past_key_values.{i}.key", "past_key_values.{i}.value")
 PRESENT_NAMES = ("present.{i}.key", "present.{i}.value")
+# How the llm graph computes attention (`extra.attention`; absent: plain ONNX ops). "gqa": ONNX
+# Runtime's com.microsoft GroupQueryAttention, which reads the mask as lengths (batched prompts
+# right-padded) and which TensorRT cannot parse.
+ATTENTION_FORMS = ("eager", "gqa")
+EAGER_ATTENTION, GQA_ATTENTION = ATTENTION_FORMS
 
 
 @dataclass(frozen=True)
@@ -288,7 +293,7 @@ STAGE = Record({
     "name": (NAME, True), "file": (NAME, True), "sha256": (SHA256, True), "precision": (NAME, True),
     "opset": (integer(1), True), "inputs": (ListOf(TENSOR, 1), True), "outputs": (ListOf(TENSOR, 1), True),
     "extra": (Record({"kv_cache": (KV_CACHE, False), "op": (NAME, False), "plugin_namespace": (NAME, False),
-                      "op_version": (integer(1), False)}), False),
+                      "op_version": (integer(1), False), "attention": (one_of(*ATTENTION_FORMS), False)}), False),
     "form_of": (NAME, False), "data": (ListOf(FILE), False),
 }, what="a stage record {name, file, sha256, precision, opset, inputs, outputs}")
 PREPROCESSING = Record({

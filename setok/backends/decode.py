@@ -25,7 +25,7 @@ from setok import manifest as M
 class Decoder(Protocol):
     def step(self, embeds: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(B, L, H) embeddings after everything fed so far -> (B, V) logits, (B, H) hidden of the
-        last position. `mask` (B, L), first call only: 0 marks left padding of a batched prompt."""
+        real token of each row. `mask` (B, L), first call only: 0 marks padding of a batched prompt."""
         ...
 
     def close(self) -> None:
@@ -58,13 +58,27 @@ def prefill_feeds(entry: M.StageEntry, embeds: np.ndarray) -> dict[str, np.ndarr
     return {M.INPUTS_EMBEDS: embeds, **position_feeds(0, embeds.shape[1]), **empty_past(entry, embeds.shape[0])}
 
 
+def newest(mask: np.ndarray) -> np.ndarray:
+    """(B, L) mask -> (B,) column of each row's last real token (left- or right-padded rows)."""
+    return mask.shape[1] - 1 - np.argmax(mask[:, ::-1] != 0, axis=1)
+
+
+def take_newest(values: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+    """(B, L, X) -> (B, X): each row at its newest real token (the last column when None)."""
+    return values[:, -1] if columns is None else values[np.arange(values.shape[0]), columns]
+
+
 class Positions:
-    """attention_mask and position_ids across steps; left padding counts no position (as
-    Setokim.collate(left_pad=True) does), so a batched prompt decodes like each one alone."""
+    """attention_mask and position_ids across steps; padding counts no position (as
+    Setokim.collate does), so a batched prompt decodes like each one alone. Batched prompts come
+    right-padded from the runtime (GroupQueryAttention reads the mask as lengths, so its graphs
+    need that; the eager graph takes either side): the decode steps then append after the
+    padding, which the mask keeps out of attention."""
 
     def __init__(self) -> None:
         self.mask: np.ndarray | None = None  # (B, total)
         self.last: np.ndarray | None = None  # (B, 1) position of the newest token
+        self.columns: np.ndarray | None = None  # (B,) this call's newest real token per row; None: the last
 
     @property
     def length(self) -> int:
@@ -72,20 +86,24 @@ class Positions:
 
     def feeds(self, embeds: np.ndarray, mask: np.ndarray | None) -> dict[str, np.ndarray]:
         b, new = embeds.shape[:2]
+        self.columns = None
         if self.mask is None:
             m = np.ones((b, new), np.int64) if mask is None else np.asarray(mask, np.int64)
             pos = np.maximum(np.cumsum(m, 1) - 1, 0)
             self.mask = m
+            if mask is not None:
+                self.columns = newest(m)
         else:
             pos = self.last + np.arange(1, new + 1, dtype=np.int64)[None]
             self.mask = np.concatenate([self.mask, np.ones((b, new), np.int64)], 1)
-        self.last = pos[:, -1:]
+        self.last = pos[:, -1:]  # right padding: the row's last real position (cumsum stops counting)
         return {M.ATTENTION_MASK: self.mask, M.POSITION_IDS: pos}
 
     def copy(self) -> Positions:
         other = Positions()
         other.mask = None if self.mask is None else self.mask.copy()
         other.last = None if self.last is None else self.last.copy()
+        other.columns = None if self.columns is None else self.columns.copy()
         return other
 
 
@@ -115,7 +133,8 @@ class HostDecoder:
         past = self.past if self.past is not None else empty_past(self.entry, embeds.shape[0])
         out = self.backend.run({M.INPUTS_EMBEDS: embeds, **self.positions.feeds(embeds, mask), **past})
         self.past = self.kv.as_past(out)
-        return out[M.LOGITS][:, -1], out[M.HIDDEN_STATES][:, -1]
+        cols = self.positions.columns
+        return take_newest(out[M.LOGITS], cols), take_newest(out[M.HIDDEN_STATES], cols)
 
     def snapshot(self) -> DecoderState:
         return DecoderState(dict(self.past or {}), self.positions.copy())

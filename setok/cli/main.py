@@ -119,12 +119,17 @@ def demo(ckpt: Path | None, out: Path, n: int) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16: float16 weights and compute for GPU targets (graph I/O stays float32; the clustering "
                    "stays fp32), validated with fp16 gates.")
+@click.option("--llm-attention", type=click.Choice(["eager", "gqa"]), default="eager", show_default=True,
+              help="gqa: the LLM's attention as ONNX Runtime's fused GroupQueryAttention (faster decode on ONNX "
+                   "Runtime; TensorRT cannot build it). eager: plain ONNX ops, for every backend.")
 @user_errors
-def export(ckpt: Path, out: Path, opset: int, max_tokens: int | None, max_context: int | None, dtype: str) -> None:
+def export(ckpt: Path, out: Path, opset: int, max_tokens: int | None, max_context: int | None, dtype: str,
+           llm_attention: str) -> None:
     """Export every stage of a checkpoint to ONNX, validated against PyTorch, plus manifest.json."""
     from setok.export.onnx import export_bundle
 
-    export_bundle(_checkpoint(ckpt), out, opset=opset, max_tokens=max_tokens, max_context=max_context, dtype=dtype)
+    export_bundle(_checkpoint(ckpt), out, opset=opset, max_tokens=max_tokens, max_context=max_context, dtype=dtype,
+                  attention=llm_attention)
     click.echo(f"bundle written to {out}")
 
 
@@ -248,7 +253,8 @@ def lint(bundle: Path, target: str, trt_version: str, as_json: bool) -> None:
         for f in findings:
             click.echo(str(f))
     errors = sum(f.severity == "error" for f in findings)
-    click.echo(f"{errors} error(s), {len(findings) - errors} warning(s)")
+    # With --json stdout is the JSON alone (for a parser); the summary goes to stderr.
+    click.echo(f"{errors} error(s), {len(findings) - errors} warning(s)", err=as_json)
     if errors:
         sys.exit(1)
 

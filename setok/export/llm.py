@@ -290,6 +290,15 @@ def _ort_step(session, embeds, mask, pos, past):
     return out, presents_as_past(out)
 
 
+def _reads_lengths(onnx_path: Path) -> bool:
+    """Does the graph's attention take the mask as per-row lengths (so padding must be on the right)?"""
+    import onnx
+
+    from setok.export.attention import GQA_OP
+
+    return any(n.op_type == GQA_OP for n in onnx.load(str(onnx_path), load_external_data=False).graph.node)
+
+
 def presents_as_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The next step's cache feeds: each present output under its past input's name."""
     kv = M.KvCache.for_layers(len(outputs))  # the output count bounds the layers
@@ -298,17 +307,20 @@ def presents_as_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def validate_llm(llm, onnx_path: Path, seed: int = 0, tolerance=None) -> dict[str, float]:
-    """ORT vs PyTorch: prefill (batch 2, seq 7, empty past; row 1 left-padded as Setokim.greedy does)
-    then one decode step fed with each side's own presents. Raises ValueError on a mismatch: logits
-    max abs diff above `tolerance.max_abs` (default LOGITS_ATOL) or a cosine of logits or hidden
-    state below `tolerance.cosine`."""
+    """ORT vs PyTorch: prefill (seq 7, empty past; row 0 unpadded, row 1 right-padded as the runtime
+    batches, row 2 left-padded as Setokim.greedy does, unless the graph's attention reads the mask as
+    lengths: GroupQueryAttention) then one decode step fed with each side's own presents. Raises
+    ValueError on a mismatch: logits max abs diff above `tolerance.max_abs` (default LOGITS_ATOL) or a
+    cosine of logits or hidden state below `tolerance.cosine`."""
     atol = LOGITS_ATOL if tolerance is None else tolerance.max_abs
     min_cos = None if tolerance is None else tolerance.cosine
     gen = torch.Generator().manual_seed(seed)
-    batch, seq, hidden = 2, 7, llm.config.hidden_size
+    batch, seq, hidden = 2 if _reads_lengths(onnx_path) else 3, 7, llm.config.hidden_size
     embeds = torch.randn(batch, seq, hidden, generator=gen)
     mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[1, :2] = 0
+    mask[1, -2:] = 0
+    if batch == 3:
+        mask[2, :2] = 0
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # positions count real tokens only, like Setokim.collate
     session = _session(onnx_path)
     stats: dict[str, float] = {}
@@ -359,6 +371,15 @@ def llm_specs(model) -> tuple[list[M.TensorSpec], list[M.TensorSpec]]:
 def llm_record(model) -> dict:
     """The llm entry's `extra`: its KV-cache names (which present feeds which past)."""
     return {"kv_cache": M.KvCache.for_layers(model.llm.config.num_hidden_layers).to_dict()}
+
+
+def fuse_llm_attention(stage, model, path: Path) -> dict[str, int]:
+    """The llm graph's attention as GroupQueryAttention, in place (export/attention.py)."""
+    from setok.export.attention import check_supported, rewrite_gqa, rope_tables
+
+    c = model.llm.config
+    check_supported(c)
+    return rewrite_gqa(path, c.num_attention_heads, c.num_key_value_heads, rope_tables(model.llm))
 
 
 def export_llm_stage(stage, model, out_dir: Path, opset: int, example: dict) -> Path:

@@ -17,6 +17,7 @@ import torch
 
 import setok
 from setok import manifest as M
+from setok.export.attention import EAGER, GQA
 from setok.export.external import release_freed_memory
 from setok.export.half import HALF, to_fp16
 from setok.export.stages import STAGES, Stage, flow
@@ -89,10 +90,13 @@ def text_contract(model: Setokim, max_context: int | None = None) -> dict:
 
 
 def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: bool = True, max_tokens: int | None = None,
-                  stages: dict[str, Stage] | None = None, max_context: int | None = None, dtype: str = "fp32") -> Path:
+                  stages: dict[str, Stage] | None = None, max_context: int | None = None, dtype: str = "fp32",
+                  attention: str = EAGER) -> Path:
     """Export every registered stage (of `stages`, default the registry) of a checkpoint to `out`
     (atomically), validate each, and write the manifest. dtype "fp16": the stages that may take
-    it get float16 weights (float32 I/O), validated against PyTorch fp32 with their fp16 gates."""
+    it get float16 weights (float32 I/O), validated against PyTorch fp32 with their fp16 gates.
+    attention "gqa": the stages with attention get ONNX Runtime's GroupQueryAttention (validated
+    again; ONNX Runtime only, TensorRT cannot parse it)."""
     from tqdm.auto import tqdm
 
     model = Setokim.from_pretrained(ckpt)
@@ -108,13 +112,19 @@ def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: b
             path = st.export(st, model, tmp, opset, example)
             if validate:
                 st.validate(st, model, path, example)
+            record = {}
+            if attention == GQA and st.fuse_attention is not None:
+                st.fuse_attention(st, model, path)
+                record = {"attention": GQA}
+                if validate:
+                    st.validate(st, model, path, example)
             precision = "fp32"
             if dtype == HALF and st.half:
                 precision = HALF
                 to_fp16(path)
                 if validate:
                     st.validate(dataclasses.replace(st, tolerance=st.half_tolerance), model, path, example)
-            entries.append(_entry(st, model, path, opset, precision))
+            entries.append(_entry(st, model, path, opset, precision, record))
             files.update({role: {"file": f, "sha256": M.sha256(tmp / f)} for role, f in st.files})
             release_freed_memory()  # a stage's protos and sessions, before the next (larger) one
         text = text_contract(model, max_context)
@@ -123,9 +133,11 @@ def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: b
     return Path(out)
 
 
-def _entry(st: Stage, model: Setokim, path: Path, opset: int, precision: str = "fp32") -> M.StageEntry:
+def _entry(st: Stage, model: Setokim, path: Path, opset: int, precision: str = "fp32",
+           record: dict | None = None) -> M.StageEntry:
     ins, outs = st.specs(model)
-    return M.StageEntry(st.name, path.name, M.sha256(path), precision, opset, ins, outs, st.extra(model), st.form_of,
+    extra = {**st.extra(model), **(record or {})}
+    return M.StageEntry(st.name, path.name, M.sha256(path), precision, opset, ins, outs, extra, st.form_of,
                         M.data_records(path))
 
 

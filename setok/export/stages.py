@@ -104,6 +104,9 @@ class Stage:
     custom_op: M.CustomOp | None = None  # a non-standard op in the graph (plugin)
     files: tuple[tuple[str, str], ...] = ()  # (manifest role, file) its exporter writes beside the graph
     record: Callable[[Setokim], dict[str, Any]] = _no_record  # more of its manifest `extra`
+    # (stage, model, path) -> None: rewrite the exported graph's attention as ONNX Runtime's fused
+    # GroupQueryAttention (`setok export --llm-attention gqa`); None: the stage has no attention.
+    fuse_attention: Callable[..., Any] | None = None
 
     @property
     def file(self) -> str:
@@ -227,14 +230,14 @@ register(Stage("merger", io({M.PATCH_FEATURES: (F32, _feat), M.ASSIGNMENT: (I64,
                lambda m: m.vision.merger))
 register(Stage("projector", io({M.VISION_TOKENS: (F32, _tokens)}, {M.EMBEDS: (F32, _hidden)}),
                lambda f: {M.VISION_TOKENS: f.tokens[0, :f.k]}, lambda m: m.projector))
-# The llm's validator draws its own inputs (a left-padded prefill, then a decode step on the cache).
+# The llm's validator draws its own inputs (a padded prefill, then a decode step on the cache).
 register(Stage("llm", lazy("setok.export.llm:llm_specs"), lambda f: {}, lambda m: m.llm,
                export=lazy("setok.export.llm:export_llm_stage"), validate=lazy("setok.export.validate:validate_llm_stage"),
                # Logits and last hidden state, prefill and one decode step (max_abs: logits only).
                tolerance=Tolerance(cosine=0.9999, norm_ratio=1e-3, max_abs=1e-3),
                half_tolerance=Tolerance(cosine=0.999, norm_ratio=1e-2),
                files=(("embeddings", "llm_embeddings.npy"), ("tokenizer", "tokenizer.json")),
-               record=lazy("setok.export.llm:llm_record")))
+               record=lazy("setok.export.llm:llm_record"), fuse_attention=lazy("setok.export.llm:fuse_llm_attention")))
 register(Stage("regress_head", io({M.HIDDEN: (F32, _hidden)}, {M.VISION_TOKENS: (F32, _tokens)}),
                lambda f: {M.HIDDEN: f.hidden[0]}, lazy("setok.model.setokim:TokenHead")))
 register(Stage("seg_head", io({M.QUERY_HIDDEN: (F32, _query), M.TOKEN_HIDDEN: (F32, _token_hidden)},

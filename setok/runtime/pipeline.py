@@ -269,7 +269,7 @@ class Pipeline:
                      top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                      stop: Sequence[str] | str | None = None) -> list[Text]:
         """Answers for several (image or Tokens, question) pairs in one batched LLM run: prompts
-        left-padded, one prefill, one decode step per token for the whole batch. Each row samples
+        right-padded, one prefill, one decode step per token for the whole batch. Each row samples
         with its own generator seeded by `seed`, so row i is what `answer` gives it alone. The
         Tokens passed in are not modified."""
         s = resolve(sampling, 8, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -295,8 +295,8 @@ class Pipeline:
         length = max(p.shape[0] for p in prompts)
         embeds = np.zeros((len(prompts), length, prompts[0].shape[1]), np.float32)
         mask = np.zeros((len(prompts), length), np.int64)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-            embeds[i, length - p.shape[0]:], mask[i, length - p.shape[0]:] = p, 1
+        for i, p in enumerate(prompts):  # right padding: what every llm form takes (backends/decode.py)
+            embeds[i, :p.shape[0]], mask[i, :p.shape[0]] = p, 1
         if length + n > self.max_context:
             raise InputError(f"prompt of {length} tokens + {n} new exceeds the context of {self.max_context}")
         rngs = [np.random.default_rng(s.seed) for _ in prompts]

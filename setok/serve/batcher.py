@@ -2,7 +2,7 @@
 
 A lane takes the first waiting job, waits at most `window_s` for more (up to `max_batch`), and
 runs them as one batched vision pass, one prefill and one decode loop. Greedy decoding makes a
-batched answer the answer the same job gets alone (left padding counts no position; a test
+batched answer the answer the same job gets alone (padding counts no position; a test
 holds the served answers to serial `Pipeline.answer` calls).
 """
 

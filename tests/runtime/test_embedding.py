@@ -140,7 +140,7 @@ def test_http_service_example_answers_like_the_pipeline(pipe, tiny_bundle, tmp_p
 
 
 def test_batched_answers_match_one_at_a_time(pipe):
-    """Left-padded batched prefill + decode gives each image's own answer (different token counts)."""
+    """Right-padded batched prefill + decode gives each image's own answer (different token counts)."""
     items = eval_items(5, seed=46)
     images = [it.image for it in items]
     questions = [it.qa[i % len(it.qa)][0] for i, it in enumerate(items)]

@@ -72,8 +72,8 @@ class StagePlan:
 
 
 def refuse_cpu_only(manifest: M.Manifest) -> None:
-    """Dynamically quantized stages (MatMulInteger) and MatMulNBits weight-only stages are ONNX Runtime
-    forms TensorRT cannot parse."""
+    """Dynamically quantized stages (MatMulInteger), MatMulNBits weight-only stages and GroupQueryAttention
+    are ONNX Runtime forms TensorRT cannot parse."""
     cpu = [s.name for s in manifest.stages if s.extra.get("quantizer") == "dynamic"]
     if cpu:
         raise InputError(f"stage(s) {cpu} are dynamically quantized (ONNX Runtime CPU INT8, MatMulInteger); TensorRT "
@@ -83,6 +83,10 @@ def refuse_cpu_only(manifest: M.Manifest) -> None:
         raise InputError(f"stage(s) {nbits} have ONNX Runtime's MatMulNBits weight-only form; TensorRT cannot parse it: "
                          "quantize for TensorRT with `setok calibrate --target tensorrt --llm-weights ...` "
                          "(DequantizeLinear -> MatMul) or build from the fp32 bundle")
+    fused = [s.name for s in manifest.stages if s.extra.get("attention", M.EAGER_ATTENTION) != M.EAGER_ATTENTION]
+    if fused:
+        raise InputError(f"stage(s) {fused} use ONNX Runtime's GroupQueryAttention (exported with --llm-attention gqa); "
+                         "TensorRT cannot parse it: export the bundle with --llm-attention eager for TensorRT")
 
 
 ORT_WEIGHT_FORM = "MatMulNBits"
