@@ -278,10 +278,13 @@ def lint(bundle: Path, target: str, trt_version: str, as_json: bool) -> None:
 @click.option("--decode-tokens", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="Also time this many greedy decode steps per image that ignore <eos> (random-weight LLMs answer "
                    "<eos> first); decode tokens/s and the bandwidth bound come from them.")
+@click.option("--spin", is_flag=True,
+              help="ONNX Runtime threads busy-wait between runs, as the runtime does by default (and the peers): "
+                   "faster, but they take the cores from a PyTorch target in the same run.")
 @user_errors
 def bench_(targets: tuple[Path, ...], compare: bool, backend: str | None, n: int, warmup: int, max_new_tokens: int,
            batch: int, threads: int | None, json_out: Path | None, plot_out: Path | None, frame_loop: bool,
-           decode_tokens: int) -> None:
+           decode_tokens: int, spin: bool) -> None:
     """Per-stage latency (median, p90), time per decoded token, end-to-end image -> answer."""
     from setok.eval.bench import bench, plot
     from setok.io import write_json
@@ -298,7 +301,7 @@ def bench_(targets: tuple[Path, ...], compare: bool, backend: str | None, n: int
             write_json(json_out, result)
         click.echo(json.dumps(result, indent=2))
         return
-    result = bench(list(targets), backend, n, warmup, max_new_tokens, batch, threads, decode_tokens)
+    result = bench(list(targets), backend, n, warmup, max_new_tokens, batch, threads, decode_tokens, spin)
     if json_out:
         write_json(json_out, result)
     if plot_out:

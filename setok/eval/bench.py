@@ -34,13 +34,15 @@ QUESTION = "how many objects are there"
 class RuntimeTarget:
     """A bundle (ONNX Runtime) or engines (TensorRT) through the torch-free runtime."""
 
-    def __init__(self, path: Path, backend: str, threads: int | None = None):
+    def __init__(self, path: Path, backend: str, threads: int | None = None, spin: bool = False):
         from setok.runtime import Pipeline
 
         start = time.perf_counter()
-        # No spinning ORT threads: they would steal the cores from the next target in the
-        # interleaved loop (PyTorch measured 10x slower beside spinning ORT sessions).
-        self.pipe = Pipeline.open(path, backend=backend, spin=False, threads=threads)
+        # By default no spinning ORT threads: they would steal the cores from the next target in the
+        # interleaved loop (PyTorch measured 10x slower beside spinning ORT sessions). `spin`: the
+        # runtime's own default (threads busy-wait between runs), for ORT-only runs and the peers,
+        # which spin too: sleeping threads cost a wake-up per parallel op (~25 % of an int4 step).
+        self.pipe = Pipeline.open(path, backend=backend, spin=spin, threads=threads)
         self.open_seconds = time.perf_counter() - start
         self.name = f"{backend}:{path}"
         self.weight_bytes = bundle_llm_bytes(self.pipe.manifest, path) if backend == "onnxruntime" else None
@@ -195,7 +197,7 @@ def bandwidth_bound(target: dict, weight_bytes: int | None, bandwidth_gbs: float
     target["fraction_of_bound"] = target["decode_tokens_per_s"] / bound if target.get("decode_tokens_per_s") else None
 
 
-def open_target(path: str | Path, backend: str | None, threads: int | None = None):
+def open_target(path: str | Path, backend: str | None, threads: int | None = None, spin: bool = False):
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such checkpoint or bundle")
@@ -203,13 +205,15 @@ def open_target(path: str | Path, backend: str | None, threads: int | None = Non
     backend = backend or next((b for b, f in kinds.items() if (path / f).is_file()), "pytorch")
     if not (path / kinds[backend]).is_file():
         raise InputError(f"{path}: backend {backend!r} needs a directory with {kinds[backend]}")
-    return TorchTarget(path) if backend == "pytorch" else RuntimeTarget(path, backend, threads)
+    return TorchTarget(path) if backend == "pytorch" else RuntimeTarget(path, backend, threads, spin)
 
 
 def bench(targets: list[str | Path], backend: str | None = None, n: int = 50, warmup: int = 5,
-          max_new_tokens: int = 8, batch: int = 4, threads: int | None = None, decode_tokens: int = 0) -> dict[str, Any]:
+          max_new_tokens: int = 8, batch: int = 4, threads: int | None = None, decode_tokens: int = 0,
+          spin: bool = False) -> dict[str, Any]:
     """decode_tokens > 0: also time that many greedy steps per image that ignore <eos> (a random-weight
-    LLM answers <eos> first); decode tokens/s and the bandwidth bound then come from those steps."""
+    LLM answers <eos> first); decode tokens/s and the bandwidth bound then come from those steps.
+    spin: ONNX Runtime's threads busy-wait between runs (the runtime's default; not beside PyTorch)."""
     from setok.data.items import eval_items
 
     if n < 1 or warmup < 0 or batch < 0:
@@ -217,7 +221,7 @@ def bench(targets: list[str | Path], backend: str | None = None, n: int = 50, wa
     opened = []
     for t in targets:
         before = _rss_mb()
-        opened.append(open_target(t, backend if len(targets) == 1 else None, threads))
+        opened.append(open_target(t, backend if len(targets) == 1 else None, threads, spin))
         opened[-1].open_rss_mb = _rss_mb() - before
     images = [it.image for it in eval_items(n + warmup, seed=31)]
     rows: list[list[dict]] = [[] for _ in opened]
@@ -234,7 +238,7 @@ def bench(targets: list[str | Path], backend: str | None = None, n: int = 50, wa
             if i >= warmup:
                 rows[j].append(row)
     result = {"machine": machine(), "n": n, "warmup": warmup, "max_new_tokens": max_new_tokens, "batch": batch,
-              "threads": threads, "decode_tokens": decode_tokens, "targets": [summarize(t, r) for t, r in zip(opened, rows)]}
+              "threads": threads, "spin": spin, "decode_tokens": decode_tokens, "targets": [summarize(t, r) for t, r in zip(opened, rows)]}
     result["copy_bandwidth_gbs"] = copy_bandwidth()
     for target, summary in zip(opened, result["targets"]):
         summary["open_rss_mb"] = round(getattr(target, "open_rss_mb", 0.0), 1)

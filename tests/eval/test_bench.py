@@ -15,6 +15,7 @@ def test_bench_compare_schema(tiny_ckpt, tiny_bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert {"machine", "n", "warmup", "targets", "e2e_ratio", "prefill_speedup", "batch", "peak_rss_mb"} <= set(r)
+    assert r["spin"] is False, "interleaved targets: ORT threads sleep unless --spin"
     assert len(r["targets"]) == 2 and len(r["e2e_ratio"]) == 1 and r["e2e_ratio"][0] > 0
     assert len(r["prefill_speedup"]) == 1 and r["prefill_speedup"][0] > 0
     for t in r["targets"]:
@@ -50,11 +51,11 @@ def test_forced_decode_times_every_target_past_eos(tiny_ckpt, tiny_bundle, tmp_p
     the model answers (a random-weight LLM says <eos> first), and the bandwidth bound uses them."""
     out = tmp_path / "d.json"
     proc = subprocess.run([sys.executable, "-m", "setok.cli", "bench", str(tiny_ckpt), str(tiny_bundle), "--compare",
-                           "--n", "2", "--warmup", "0", "--batch", "0", "--decode-tokens", "4", "--json", str(out)],
+                           "--n", "2", "--warmup", "0", "--batch", "0", "--decode-tokens", "4", "--spin", "--json", str(out)],
                           check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
-    assert r["decode_tokens"] == 4
+    assert r["decode_tokens"] == 4 and r["spin"] is True
     lengths = set()
     for t in r["targets"]:
         assert t["forced_decode_p90_ms"] >= t["forced_decode_ms_per_token"] > 0 and t["forced_prefill_ms"] > 0
