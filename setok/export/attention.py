@@ -262,7 +262,9 @@ def rewrite_gqa(path: Path, heads: int, kv_heads: int, rope: tuple[np.ndarray, n
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
     gr = _Graph(g)
-    kv = M.KvCache.for_layers(sum(o.name.startswith("present.") for o in g.output) // 2)
+    outputs = {o.name for o in g.output}
+    bound = M.KvCache.for_layers(len(g.output))  # the output count bounds the layers
+    kv = M.KvCache.for_layers(sum(p in outputs for p in bound.present) // 2)
     at, replaced = {}, set()
     for layer in range(len(kv.past) // 2):
         out, nodes, outs = _layer(gr, layer, kv, heads, kv_heads, rope is not None)

@@ -291,7 +291,8 @@ def _ort_step(session, embeds, mask, pos, past):
 
 
 def _reads_lengths(onnx_path: Path) -> bool:
-    """Does the graph's attention take the mask as per-row lengths (so padding must be on the right)?"""
+    """Does the graph's attention take the mask as per-row lengths (so padding must be on the right)?
+    (Inline weights, < EXTERNAL_DATA_BYTES, are parsed here too; freed before validation opens its session.)"""
     import onnx
 
     from setok.export.attention import GQA_OP

@@ -17,6 +17,7 @@ import torch
 
 import setok
 from setok import manifest as M
+from setok.errors import InputError
 from setok.export.attention import EAGER, GQA
 from setok.export.external import release_freed_memory
 from setok.export.half import HALF, to_fp16
@@ -99,6 +100,8 @@ def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: b
     again; ONNX Runtime only, TensorRT cannot parse it)."""
     from tqdm.auto import tqdm
 
+    if attention not in M.ATTENTION_FORMS:
+        raise InputError(f"attention {attention!r}: expected one of {list(M.ATTENTION_FORMS)}")
     model = Setokim.from_pretrained(ckpt)
     if max_tokens is not None:
         model.cfg.cluster.max_tokens = max_tokens  # the merger's T follows; weights do not depend on it
