@@ -158,7 +158,8 @@ def test_a_graph_without_the_kv_cache_concat_is_refused(tmp_path):
 
 def test_cli_export_gqa_runs_batched_and_is_refused_by_tensorrt(tiny_ckpt, tmp_path):
     """`setok export --llm-attention gqa`: the manifest records the form, the runtime's batched answers
-    equal its one-at-a-time answers, ORT CPU lint passes, TensorRT's lint and build refuse it by name."""
+    equal its one-at-a-time answers, `setok parity` passes, ORT CPU lint passes, TensorRT's lint and
+    build refuse it by name."""
     import json
     import subprocess
     import sys
@@ -179,6 +180,8 @@ def test_cli_export_gqa_runs_batched_and_is_refused_by_tensorrt(tiny_ckpt, tmp_p
     batched = pipe.answer_batch([it.image for it in items], questions, max_new_tokens=6)
     assert [b.token_ids for b in batched] == [pipe.answer(it.image, q, max_new_tokens=6).token_ids
                                              for it, q in zip(items, questions)]
+    parity = setok("parity", tiny_ckpt, bundle, "--n", "2")  # every stage and end to end against PyTorch
+    assert parity.returncode == 0 and "PASS" in parity.stdout, parity.stdout[-2000:]
     assert setok("lint", bundle, "--target", "onnxruntime-cpu").returncode == 0
     lint = setok("lint", bundle, "--json")
     assert lint.returncode == 1 and any("GroupQueryAttention" in f["message"] for f in json.loads(lint.stdout)), lint.stdout
