@@ -12,13 +12,13 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fuse_llm_experiment as F  # its session, tokens and round-robin bench
+from llm_long_decode import run  # the runtime decoder's timed greedy loop
 
 from setok import manifest as M
 from setok.backends.onnxrt.session import OrtBackend
@@ -27,19 +27,8 @@ from setok.backends.onnxrt.session import OrtBackend
 def decoder_ms(bundle: Path, prompt: np.ndarray, table: np.ndarray, steps: int, rounds: int) -> dict[str, float]:
     entry = M.load_manifest(bundle).stage("llm")
     backend = OrtBackend(bundle / entry.file, entry, threads=2)
-    out = {}
-    for share in (True, False):
-        ms = []
-        for _ in range(rounds):
-            d = backend.decoder(1)
-            d.share = share and d.share
-            logits, _ = d.step(prompt)
-            t = time.perf_counter()
-            for _ in range(steps):
-                logits, _ = d.step(np.ascontiguousarray(table[[int(logits[0].argmax())]][None]))
-            ms.append(1000 * (time.perf_counter() - t) / steps)
-        out[f"ortdecoder_shared={share}"] = statistics.median(ms)
-    return out
+    return {f"ortdecoder_shared={share}": statistics.median(run(backend, table, prompt, steps, share) for _ in range(rounds))
+            for share in (True, False)}
 
 
 def main() -> None:
@@ -52,12 +41,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     args = ap.parse_args()
     paths = {k: Path(v) for k, v in (g.split("=", 1) for g in args.graph)}
-    emb = F.tokens(args.embeddings, args.prefill + args.steps, 0)
+    table = np.load(args.embeddings, mmap_mode="r")
+    emb = F.tokens(args.embeddings, args.prefill + args.steps, 0, vocab=table.shape[0])
     res = F.bench(paths, emb, threads=2, rounds=args.rounds, prefill=args.prefill, steps=args.steps)
     out = {"plain_ort_ms_per_token": {k: v["median_ms_per_token"] for k, v in res["variants"].items()},
            "loadavg_per_round": res["loadavg_1min_per_round"]}
     if args.bundle:
-        table = np.load(args.embeddings, mmap_mode="r")
         out.update(decoder_ms(args.bundle, emb.emb[:, :args.prefill], table, args.steps, args.rounds))
     out["loadavg_end"] = os.getloadavg()
     print(json.dumps(out, indent=1))

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from setok.errors import SetokError
+from setok.manifest import ATTENTION_FORMS, EAGER_ATTENTION
 
 
 def user_errors(fn):
@@ -119,7 +120,7 @@ def demo(ckpt: Path | None, out: Path, n: int) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16: float16 weights and compute for GPU targets (graph I/O stays float32; the clustering "
                    "stays fp32), validated with fp16 gates.")
-@click.option("--llm-attention", type=click.Choice(["eager", "gqa"]), default="eager", show_default=True,
+@click.option("--llm-attention", type=click.Choice(ATTENTION_FORMS), default=EAGER_ATTENTION, show_default=True,
               help="gqa: the LLM's attention as ONNX Runtime's fused GroupQueryAttention (faster decode on ONNX "
                    "Runtime; TensorRT cannot build it). eager: plain ONNX ops, for every backend.")
 @user_errors

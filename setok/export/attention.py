@@ -25,7 +25,6 @@ must be right-padded, which the runtime does for every llm form (backends/decode
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from setok import manifest as M
 from setok.errors import InputError
+from setok.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -288,9 +288,8 @@ def rewrite_gqa(path: Path, heads: int, kv_heads: int, rope: tuple[np.ndarray, n
     dropped = prune(g)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        onnx.save(model, str(tmp))
     stats = {"layers": len(kv.past) // 2, "nodes_before": before, "nodes_after": len(g.node), "dropped": dropped,
              "rotary": sum(n.op_type == "RotaryEmbedding" for n in g.node)}
     log.info("llm attention -> %s: %s", GQA_OP, stats)
