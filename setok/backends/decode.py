@@ -64,8 +64,32 @@ def newest(mask: np.ndarray) -> np.ndarray:
 
 
 def take_newest(values: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
-    """(B, L, X) -> (B, X): each row at its newest real token (the last column when None)."""
-    return values[:, -1] if columns is None else values[np.arange(values.shape[0]), columns]
+    """(B, L, X) -> (B, X): each row at its newest real token (the last column when None). A graph
+    that already emits only that token (L = 1: the GQA form's logits) gives it as is."""
+    if columns is None or values.shape[1] == 1:
+        return values[:, -1]
+    return values[np.arange(values.shape[0]), columns]
+
+
+def teacher_forced_logits(run, feed: dict, out: dict) -> np.ndarray:
+    """(B, L, V) logits at every position of `feed` (a prefill on an empty past, unpadded rows), given
+    the graph's outputs `out` for it. A graph that emits only the newest position's logits (the GQA
+    form) is stepped through the sequence one token at a time on its own KV cache instead, which is
+    also how decoding reads it. `run`: feeds -> {output name: array}."""
+    embeds, mask, pos = feed[M.INPUTS_EMBEDS], feed[M.ATTENTION_MASK], feed[M.POSITION_IDS]
+    if out[M.LOGITS].shape[1] == embeds.shape[1]:
+        return out[M.LOGITS]
+    if not mask.all():
+        raise ValueError("stepping a newest-logits graph needs unpadded rows")
+    past = {k: v for k, v in feed.items() if k not in (M.INPUTS_EMBEDS, M.ATTENTION_MASK, M.POSITION_IDS)}
+    rows = []
+    for t in range(embeds.shape[1]):
+        step = run({M.INPUTS_EMBEDS: embeds[:, t:t + 1], M.ATTENTION_MASK: mask[:, :t + 1],
+                    M.POSITION_IDS: pos[:, t:t + 1], **past})
+        rows.append(step[M.LOGITS][:, -1])
+        kv = M.KvCache.for_layers(len(step))  # the output count bounds the layers
+        past = {p: step[q] for p, q in zip(kv.past, kv.present) if q in step}
+    return np.stack(rows, 1)
 
 
 class Positions:

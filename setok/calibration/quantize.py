@@ -30,6 +30,7 @@ import onnx
 import onnxruntime as ort
 
 from setok import manifest as M
+from setok.backends.decode import teacher_forced_logits
 from setok.calibration import feeds as D
 from setok.calibration import ranges as R
 from setok.calibration import weights as W
@@ -246,6 +247,9 @@ def compare_decoder(fp32: Path, quant: Path, held: list[dict], kv: M.KvCache, ti
     a, b = _session(fp32), _session(quant)
     names = [o.name for o in a.get_outputs() if o.type == "tensor(float)"]
     ref, got = _collect(a, names, held), _collect(b, names, held)
+    for sess, outs in ((a, ref), (b, got)):  # every position's logits, also from a newest-logits graph
+        run = functools.partial(_outputs, sess)
+        outs[M.LOGITS] = [teacher_forced_logits(run, f, {M.LOGITS: x}) for f, x in zip(held, outs[M.LOGITS])]
     pairs = {n: _agreement(ref[n], got[n]) for n in names}
     same = [np.mean(x.argmax(-1) == y.argmax(-1)) for x, y in zip(ref[M.LOGITS], got[M.LOGITS])]
     rep = {"cosine": min(c for c, _ in pairs.values()), "norm_ratio": max((r for _, r in pairs.values()), key=lambda r: abs(r - 1)),
@@ -435,6 +439,10 @@ def _agreement(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, flo
     if na == 0 or nb == 0:
         return (1.0, 1.0) if na == nb else (0.0, float(nb / na) if na else float("inf"))
     return float(a @ b / (na * nb)), float(nb / na)
+
+
+def _outputs(sess, feed: dict) -> dict[str, np.ndarray]:
+    return dict(zip((o.name for o in sess.get_outputs()), sess.run(None, feed)))
 
 
 def _collect(sess, names: list[str], feeds: list[dict]) -> dict[str, list[np.ndarray]]:

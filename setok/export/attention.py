@@ -18,6 +18,10 @@ HF's rotary embedding (x * cos + rotate_half(x) * sin on q and k) becomes Rotary
 then arrive rotated). GroupQueryAttention's own rotary is not used (do_rotary=0): it derives positions
 from the lengths, RotaryEmbedding reads the graph's position_ids as the eager graph does.
 
+Where a projection's output only went through Reshape + Transpose to (B, heads, S, hd), the GQA input
+is that (B, S, heads * hd) output itself (no transpose round trip), and the q/k/v projections, like an
+MLP's gate/up, are then packed into one MatMul each (export/pack.py, onnxruntime-genai's layout).
+
 GroupQueryAttention reads the mask as lengths (`seqlens_k` = real tokens - 1, per row): a batched prompt
 must be right-padded, which the runtime does for every llm form (backends/decode.py).
 """
@@ -32,7 +36,8 @@ import numpy as np
 
 from setok import manifest as M
 from setok.errors import InputError
-from setok.io import atomic_file
+from setok.export.norms import NORM, SKIP_NORM, fuse_norms
+from setok.export.pack import pack_siblings, save_with_data
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +148,22 @@ def _output(gr: _Graph, pv, layer: int) -> str:
     return r.output[0]
 
 
-def _bsd(mk, x: str, out: str) -> list:
+def _flat(gr: _Graph, x: str) -> str | None:
+    """The (B, S, heads * hd) projection output `x` was made from by Reshape + Transpose(0, 2, 1, 3)
+    (so no round trip back is needed), else None."""
+    t = gr.producer.get(x)
+    r = gr.producer.get(t.input[0]) if t is not None and t.op_type == "Transpose" else None
+    if r is None or r.op_type != "Reshape" or [list(a.ints) for a in t.attribute if a.name == "perm"] != [[0, 2, 1, 3]]:
+        return None
+    src = gr.producer.get(r.input[0])
+    return r.input[0] if src is not None and src.op_type in ("MatMul", "Add") else None
+
+
+def _bsd(mk, x: str, out: str, gr: _Graph | None = None) -> list:
     """(B, heads, S, hd) -> (B, S, heads * hd), the layout GroupQueryAttention takes."""
+    flat = _flat(gr, x) if gr is not None else None
+    if flat is not None:
+        return [mk("Identity", [flat], [out], name=out + "/Identity")]
     return [mk("Transpose", [x], [out + "_bshd"], perm=[0, 2, 1, 3], name=out + "/Transpose"),
             mk("Reshape", [out + "_bshd", "gqa/bsd_shape"], [out], name=out + "/Reshape")]
 
@@ -190,8 +209,8 @@ def _rotated(mk, gr: _Graph, name: str, out: str, heads: int, rotary: bool) -> l
     (position_ids, the cached cos/sin) when `rotary` and the pattern is HF's full-width rope."""
     x = _unrotated(gr, name) if rotary else None
     if x is None:
-        return _bsd(mk, name, out)
-    return [*_bsd(mk, x, out + "_plain"),
+        return _bsd(mk, name, out, gr)
+    return [*_bsd(mk, x, out + "_plain", gr),
             mk("RotaryEmbedding", [out + "_plain", M.POSITION_IDS, "gqa/cos_cache", "gqa/sin_cache"], [out],
                name=out + "/RotaryEmbedding", domain=MS_DOMAIN, interleaved=0, num_heads=heads)]
 
@@ -216,11 +235,73 @@ def _layer(gr: _Graph, layer: int, kv: M.KvCache, heads: int, kv_heads: int,
     out = _output(gr, pv, layer)
     a = f"/gqa/layers.{layer}"
     nodes = [*_rotated(mk, gr, qk.input[0], f"{a}/q", heads, rotary),
-             *_rotated(mk, gr, new[pres_k], f"{a}/k", kv_heads, rotary), *_bsd(mk, new[pres_v], f"{a}/v")]
+             *_rotated(mk, gr, new[pres_k], f"{a}/k", kv_heads, rotary), *_bsd(mk, new[pres_v], f"{a}/v", gr)]
     nodes.append(mk(GQA_OP, [f"{a}/q", f"{a}/k", f"{a}/v", past_k, past_v, "gqa/seqlens_k", "gqa/total_len"],
                     [out, pres_k, pres_v], name=f"{a}/{GQA_OP}", domain=MS_DOMAIN, num_heads=heads,
                     kv_num_heads=kv_heads, scale=scale, do_rotary=0))
     return out, nodes, {out, pres_k, pres_v}
+
+
+def _through_identity(gr: _Graph, name: str) -> str:
+    n = gr.producer.get(name)
+    return n.input[0] if n is not None and n.op_type == "Identity" else name
+
+
+def fold_packed_rotary(g) -> int:
+    """Where a GroupQueryAttention's q, k and v are the three outputs of one packed projection's Split
+    (q and k each through a RotaryEmbedding on the tables), feed it the packed tensor instead and let it
+    rotate q and k itself (do_rotary=1: its positions are past length + offset per row, which is what
+    position_ids holds for the right-padded rows the runtime sends). Returns layers folded."""
+    gr, folded = _Graph(g), 0
+    for node in g.node:
+        if node.op_type != GQA_OP or len(node.input) < 3 or not node.input[1]:
+            continue
+        srcs, ropes = [], []
+        for x in node.input[:3]:
+            r = gr.producer.get(x)
+            if r is not None and r.op_type == "RotaryEmbedding":
+                ropes.append(r)
+                x = r.input[0]
+            srcs.append(_through_identity(gr, x))
+        split = gr.producer.get(srcs[0])
+        if len(ropes) != 2 or split is None or split.op_type != "Split" or list(split.output) != srcs:
+            continue
+        tables = list(ropes[0].input[2:4])
+        inputs = [split.input[0], "", "", *node.input[3:7], *tables]
+        del node.input[:]
+        node.input.extend(inputs)
+        for a in node.attribute:
+            if a.name == "do_rotary":
+                a.i = 1
+        folded += 1
+    return folded
+
+
+def newest_logits(g) -> bool:
+    """Have the LM head read only each row's newest real token of this call, so `logits` is (B, 1, V):
+    a prefill of S tokens then multiplies one row per sequence by the (vocabulary-sized) head instead of
+    S (the runtime reads only that row; backends/decode.py take_newest). With right-padded rows the
+    newest is seqlens_k - past length. hidden_states stays (B, S, H): the seg head reads every
+    position. False (graph unchanged) when `logits` is not one MatMul's output."""
+    import onnx
+
+    head = next((n for n in g.node if M.LOGITS in n.output), None)
+    if head is None or head.op_type != "MatMul":
+        return False
+    mk, h, p = onnx.helper.make_node, head.input[0], "gqa/newest"
+    nodes = [mk("Shape", [h], [f"{p}/h_shape"], name=f"{p}/Shape"),
+             mk("Gather", [f"{p}/h_shape", "gqa/one"], [f"{p}/chunk"], axis=0, name=f"{p}/Gather"),
+             mk("Sub", ["gqa/total_64", f"{p}/chunk"], [f"{p}/past"], name=f"{p}/Sub_past"),
+             mk("Sub", ["gqa/seqlens_k_64", f"{p}/past"], [f"{p}/raw"], name=f"{p}/Sub"),
+             mk("Max", [f"{p}/raw", "gqa/zero"], [f"{p}/col"], name=f"{p}/Max"),  # a row with no new real token
+             mk("Unsqueeze", [f"{p}/col", "gqa/axis1"], [f"{p}/index"], name=f"{p}/Unsqueeze_index"),
+             mk("GatherND", [h, f"{p}/index"], [f"{p}/row"], batch_dims=1, name=f"{p}/GatherND"),  # (B, H)
+             mk("Unsqueeze", [f"{p}/row", "gqa/axis1"], [f"{p}/h"], name=f"{p}/Unsqueeze")]  # (B, 1, H)
+    at = list(g.node).index(head)
+    head.input[0] = f"{p}/h"
+    for i, n in enumerate(nodes):
+        g.node.insert(at + i, n)
+    return True
 
 
 def _constants() -> list:
@@ -228,7 +309,7 @@ def _constants() -> list:
 
     arr = onnx.numpy_helper.from_array
     return [arr(np.array([0, 0, -1], np.int64), "gqa/bsd_shape"), arr(np.array([1], np.int64), "gqa/axis1"),
-            arr(np.array(1, np.int64), "gqa/one")]
+            arr(np.array(1, np.int64), "gqa/one"), arr(np.array(0, np.int64), "gqa/zero")]
 
 
 def prune(g) -> int:
@@ -252,8 +333,8 @@ def prune(g) -> int:
 
 
 def rewrite_gqa(path: Path, heads: int, kv_heads: int, rope: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, int]:
-    """Rewrite the llm graph at `path` in place (atomically; external weights are not touched: the
-    graph keeps pointing at the same data file). `rope`: the (max_positions, head_dim / 2) cos and sin
+    """Rewrite the llm graph at `path` in place (atomically), then pack its sibling projections
+    (export/pack.py; external weights are rewritten to a fresh data file beside it). `rope`: the (max_positions, head_dim / 2) cos and sin
     tables of the model's rotary embedding; with them HF's rotary ops become RotaryEmbedding nodes.
     Returns counts for the log."""
     import onnx
@@ -285,12 +366,18 @@ def rewrite_gqa(path: Path, heads: int, kv_heads: int, rope: tuple[np.ndarray, n
     if rope is not None:
         g.initializer.extend(onnx.numpy_helper.from_array(np.ascontiguousarray(t, np.float32), f"gqa/{n}_cache")
                              for n, t in zip(("cos", "sin"), rope))
+    newest = newest_logits(g)
+    norms = fuse_norms(g)  # RMSNorm + the residual Add in front of it: one node
     dropped = prune(g)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
-    with atomic_file(path) as tmp:
-        onnx.save(model, str(tmp))
+    packed = pack_siblings(model, path.parent)  # q/k/v (and gate/up) as one MatMul each
+    folded = fold_packed_rotary(g) if rope is not None else 0
+    prune(g)
+    save_with_data(model, path, packed)
     stats = {"layers": len(kv.past) // 2, "nodes_before": before, "nodes_after": len(g.node), "dropped": dropped,
-             "rotary": sum(n.op_type == "RotaryEmbedding" for n in g.node)}
+             "rotary": sum(n.op_type == "RotaryEmbedding" for n in g.node),
+             "packed": sum(k.endswith(".split") for k in packed), "packed_qkv": folded,
+             "newest_logits": int(newest), "norms": norms[NORM], "skip_norms": norms[SKIP_NORM]}
     log.info("llm attention -> %s: %s", GQA_OP, stats)
     return stats

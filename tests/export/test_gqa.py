@@ -60,13 +60,75 @@ def test_every_layer_becomes_one_gqa_node_and_matches_pytorch(both_forms):
     llm, eager, gqa, stats = both_forms
     before, after = ops(eager), ops(gqa)
     assert after[GQA_OP] == stats["layers"] == 2
-    assert after["RotaryEmbedding"] == stats["rotary"] == 4 and after["Neg"] == 0  # q and k of each layer
+    # HF's rotary ops on q and k became GroupQueryAttention's own (packed q/k/v, do_rotary=1)
+    assert stats["packed_qkv"] == 2 and after["RotaryEmbedding"] == 0 and after["Neg"] == 0
+    assert all(a.i == 1 for n in onnx.load(str(gqa)).graph.node if n.op_type == GQA_OP
+               for a in n.attribute if a.name == "do_rotary")
     assert before["Softmax"] == 2 and after["Softmax"] == 0 and after["Expand"] < before["Expand"]
     assert stats["nodes_after"] < stats["nodes_before"]
     assert io_names(gqa) == io_names(eager), "the graph's inputs and outputs are the runtime's contract"
     result = validate_llm(llm, gqa)  # right-padded prefill + decode (the runtime's batching)
     for step in ("prefill", "decode"):
         assert result[f"{step}_logits_max_abs"] < 1e-4 and result[f"{step}_logits_cos"] > 0.9999
+
+
+def weight_matmuls(path: Path) -> int:
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name for t in g.initializer}
+    return sum(n.op_type == "MatMul" and n.input[1] in inits for n in g.node)
+
+
+def test_sibling_projections_are_packed(both_forms):
+    """q/k/v and gate/up read the same hidden state: one MatMul each (genai's layout; the packed q/k/v
+    goes to GroupQueryAttention whole), so per layer 4 weight MatMuls instead of 7, and no Transpose
+    left around the attention."""
+    _, eager, gqa, stats = both_forms
+    assert weight_matmuls(eager) == 7 * 2 + 1 and weight_matmuls(gqa) == 4 * 2 + 1  # + the LM head
+    assert stats["packed"] == 2 * 2 and ops(gqa)["Split"] == 2  # q/k/v go to GQA packed; gate/up split
+    assert ops(gqa)["Transpose"] == 0
+
+
+def test_logits_come_for_the_newest_token_only(both_forms):
+    """A right-padded prefill: the GQA graph's logits are (B, 1, V), each row's newest real token, equal
+    to the eager graph's at that column; hidden_states keep every position (the seg head reads them)."""
+    import onnxruntime as ort
+
+    llm, eager, gqa, stats = both_forms
+    assert stats["newest_logits"] == 1
+    rng = np.random.default_rng(0)
+    feed = {M.INPUTS_EMBEDS: rng.standard_normal((2, 6, 64)).astype(np.float32),
+            M.ATTENTION_MASK: np.array([[1] * 6, [1] * 4 + [0] * 2]), M.POSITION_IDS: np.array([range(6), [0, 1, 2, 3, 3, 3]])}
+    outs = {}
+    for name, path in (("eager", eager), ("gqa", gqa)):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        past = {i.name: np.zeros((2, KV_HEADS, 0, 16), np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
+        outs[name] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feed, **past})))
+    full, newest = outs["eager"][M.LOGITS], outs["gqa"][M.LOGITS]
+    assert full.shape == (2, 6, 96) and newest.shape == (2, 1, 96)
+    np.testing.assert_allclose(newest[:, 0], full[[0, 1], [5, 3]], atol=1e-4)
+    assert outs["gqa"][M.HIDDEN_STATES].shape == (2, 6, 64)
+
+
+def test_packing_rewrites_external_data_without_dead_bytes(tmp_path):
+    """An LLM whose weights live in external data (every real-size one): the packed weights join a fresh
+    data file that holds only what the graph reads, and the graph still matches PyTorch."""
+    from setok.export.pack import read_initializer
+
+    llm = small_llm("qwen2")
+    path = export_llm(llm, tmp_path)
+    model = onnx.load(str(path))
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data", size_threshold=0)
+    rewrite_gqa(path, HEADS, KV_HEADS, rope_tables(llm))
+    g = onnx.load(str(path), load_external_data=False).graph
+    external = [t for t in g.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    held = sum(read_initializer(t, tmp_path).nbytes for t in external)
+    data = (tmp_path / (path.name + ".data")).stat().st_size
+    assert any(".weight" in t.name and "packed3" in t.name for t in external)
+    assert held <= data < held + 4096 * (len(external) + 1), "only the graph's tensors (page-aligned)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llm.onnx", "llm.onnx.data"]
+    result = validate_llm(llm, path)
+    assert result["decode_logits_max_abs"] < 1e-4
 
 
 def greedy(decoder, table, embeds, mask=None, steps=6):
