@@ -67,6 +67,11 @@ PRESENT_NAMES = ("present.{i}.key", "present.{i}.value")
 # right-padded) and which TensorRT cannot parse.
 ATTENTION_FORMS = ("eager", "gqa")
 EAGER_ATTENTION, GQA_ATTENTION = ATTENTION_FORMS
+# Which positions the llm graph's `logits` cover (`extra.logits`; absent: "all", (B, S, V)). "newest":
+# each row's newest real token only, (B, 1, V) (the GQA form: a prefill multiplies one row per
+# sequence by the LM head); hidden_states always cover every position.
+LOGITS_FORMS = ("all", "newest")
+ALL_LOGITS, NEWEST_LOGITS = LOGITS_FORMS
 
 
 @dataclass(frozen=True)
@@ -293,7 +298,8 @@ STAGE = Record({
     "name": (NAME, True), "file": (NAME, True), "sha256": (SHA256, True), "precision": (NAME, True),
     "opset": (integer(1), True), "inputs": (ListOf(TENSOR, 1), True), "outputs": (ListOf(TENSOR, 1), True),
     "extra": (Record({"kv_cache": (KV_CACHE, False), "op": (NAME, False), "plugin_namespace": (NAME, False),
-                      "op_version": (integer(1), False), "attention": (one_of(*ATTENTION_FORMS), False)}), False),
+                      "op_version": (integer(1), False), "attention": (one_of(*ATTENTION_FORMS), False),
+                      "logits": (one_of(*LOGITS_FORMS), False)}), False),
     "form_of": (NAME, False), "data": (ListOf(FILE), False),
 }, what="a stage record {name, file, sha256, precision, opset, inputs, outputs}")
 PREPROCESSING = Record({

@@ -37,7 +37,7 @@ import numpy as np
 from setok import manifest as M
 from setok.errors import InputError
 from setok.export.norms import NORM, SKIP_NORM, fuse_norms
-from setok.export.pack import pack_siblings, save_with_data
+from setok.export.pack import declare, pack_siblings, save_with_data
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,12 @@ def newest_logits(g) -> bool:
              mk("Unsqueeze", [f"{p}/row", "gqa/axis1"], [f"{p}/h"], name=f"{p}/Unsqueeze")]  # (B, 1, H)
     at = list(g.node).index(head)
     head.input[0] = f"{p}/h"
+    declare(g, nodes[-2:], onnx.TensorProto.FLOAT)
+    out = next(o for o in g.output if o.name == M.LOGITS)
+    dims = out.type.tensor_type.shape.dim
+    if len(dims) == 3:
+        dims[1].Clear()
+        dims[1].dim_value = 1
     for i, n in enumerate(nodes):
         g.node.insert(at + i, n)
     return True
@@ -374,6 +380,8 @@ def rewrite_gqa(path: Path, heads: int, kv_heads: int, rope: tuple[np.ndarray, n
     packed = pack_siblings(model, path.parent)  # q/k/v (and gate/up) as one MatMul each
     folded = fold_packed_rotary(g) if rope is not None else 0
     prune(g)
+    # Types past the contrib ops, for tools that run ONNX shape inference (ORT's quantizers).
+    declare(g, [n for n in g.node if n.domain == MS_DOMAIN or n.op_type == NORM], onnx.TensorProto.FLOAT)
     save_with_data(model, path, packed)
     stats = {"layers": len(kv.past) // 2, "nodes_before": before, "nodes_after": len(g.node), "dropped": dropped,
              "rotary": sum(n.op_type == "RotaryEmbedding" for n in g.node),

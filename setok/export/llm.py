@@ -376,13 +376,15 @@ def llm_record(model) -> dict:
     return {"kv_cache": M.KvCache.for_layers(model.llm.config.num_hidden_layers).to_dict()}
 
 
-def fuse_llm_attention(stage, model, path: Path) -> dict[str, int]:
-    """The llm graph's attention as GroupQueryAttention, in place (export/attention.py)."""
+def fuse_llm_attention(stage, model, path: Path) -> dict[str, str]:
+    """The llm graph's attention as GroupQueryAttention, in place (export/attention.py); returns what
+    the manifest records of the new form."""
     from setok.export.attention import check_supported, rewrite_gqa, rope_tables
 
     c = model.llm.config
     check_supported(c)
-    return rewrite_gqa(path, c.num_attention_heads, c.num_key_value_heads, rope_tables(model.llm))
+    stats = rewrite_gqa(path, c.num_attention_heads, c.num_key_value_heads, rope_tables(model.llm))
+    return {"attention": M.GQA_ATTENTION, "logits": M.NEWEST_LOGITS if stats["newest_logits"] else M.ALL_LOGITS}
 
 
 def export_llm_stage(stage, model, out_dir: Path, opset: int, example: dict) -> Path:

@@ -117,8 +117,7 @@ def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: b
                 st.validate(st, model, path, example)
             record = {}
             if attention == GQA and st.fuse_attention is not None:
-                st.fuse_attention(st, model, path)
-                record = {"attention": GQA}
+                record = st.fuse_attention(st, model, path)  # what the manifest records of the new form
                 if validate:
                     st.validate(st, model, path, example)
             precision = "fp32"
@@ -140,6 +139,8 @@ def _entry(st: Stage, model: Setokim, path: Path, opset: int, precision: str = "
            record: dict | None = None) -> M.StageEntry:
     ins, outs = st.specs(model)
     extra = {**st.extra(model), **(record or {})}
+    if extra.get("logits") == M.NEWEST_LOGITS:  # one position per row
+        outs = [dataclasses.replace(o, shape=[o.shape[0], 1, *o.shape[2:]]) if o.name == M.LOGITS else o for o in outs]
     return M.StageEntry(st.name, path.name, M.sha256(path), precision, opset, ins, outs, extra, st.form_of,
                         M.data_records(path))
 

@@ -89,6 +89,18 @@ def _groups(g) -> list[list]:
     return groups
 
 
+def declare(g, nodes: list, elem_type: int) -> None:
+    """Typed value_info for the new nodes' outputs: shape inference cannot pass the com.microsoft ops
+    these graphs hold, and ONNX Runtime's quantizers need every MatMul's types (rank unknown here)."""
+    import onnx
+
+    known = {v.name for v in (*g.value_info, *g.output)}
+    for n in nodes:
+        for out in n.output:
+            if out and out not in known:
+                g.value_info.append(onnx.helper.make_tensor_value_info(out, elem_type, None))
+
+
 def pack_siblings(model, base: Path) -> dict[str, np.ndarray]:
     """Pack each group of sibling MatMuls of `model` (in place). Returns the new weights and biases by
     name, for `save_with_data` to store; the members' old ones are no longer read."""
@@ -116,6 +128,7 @@ def pack_siblings(model, base: Path) -> dict[str, np.ndarray]:
             new[name + ".bias"] = np.concatenate([read_initializer(b[1], base) for b in biases])
             nodes.append(mk("Add", [y, name + ".bias"], [name + "_add"], name=name + "/Add"))
             y = name + "_add"
+        declare(g, nodes, inits[group[0].input[1]].data_type)
         new[name + ".split"] = np.array(ns, np.int64)
         nodes.append(mk("Split", [y, name + ".split"], outs, axis=-1, name=name + "/Split"))
         replace[id(group[0])] = nodes

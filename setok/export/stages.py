@@ -104,8 +104,8 @@ class Stage:
     custom_op: M.CustomOp | None = None  # a non-standard op in the graph (plugin)
     files: tuple[tuple[str, str], ...] = ()  # (manifest role, file) its exporter writes beside the graph
     record: Callable[[Setokim], dict[str, Any]] = _no_record  # more of its manifest `extra`
-    # (stage, model, path) -> None: rewrite the exported graph's attention as ONNX Runtime's fused
-    # GroupQueryAttention (`setok export --llm-attention gqa`); None: the stage has no attention.
+    # (stage, model, path) -> manifest extras: rewrite the exported graph's attention as ONNX Runtime's
+    # fused GroupQueryAttention (`setok export --llm-attention gqa`); None: the stage has no attention.
     fuse_attention: Callable[..., Any] | None = None
 
     @property

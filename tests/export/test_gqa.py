@@ -93,7 +93,7 @@ def test_logits_come_for_the_newest_token_only(both_forms):
     to the eager graph's at that column; hidden_states keep every position (the seg head reads them)."""
     import onnxruntime as ort
 
-    llm, eager, gqa, stats = both_forms
+    _, eager, gqa, stats = both_forms
     assert stats["newest_logits"] == 1
     rng = np.random.default_rng(0)
     feed = {M.INPUTS_EMBEDS: rng.standard_normal((2, 6, 64)).astype(np.float32),
@@ -221,7 +221,7 @@ def test_a_graph_without_the_kv_cache_concat_is_refused(tmp_path):
 def test_cli_export_gqa_runs_batched_and_is_refused_by_tensorrt(tiny_ckpt, tmp_path):
     """`setok export --llm-attention gqa`: the manifest records the form, the runtime's batched answers
     equal its one-at-a-time answers, `setok parity` passes, ORT CPU lint passes, TensorRT's lint and
-    build refuse it by name."""
+    build refuse it by name; int4 weights on it pass the weight gate and `setok parity --precision int4`."""
     import json
     import subprocess
     import sys
@@ -249,3 +249,12 @@ def test_cli_export_gqa_runs_batched_and_is_refused_by_tensorrt(tiny_ckpt, tmp_p
     assert lint.returncode == 1 and any("GroupQueryAttention" in f["message"] for f in json.loads(lint.stdout)), lint.stdout
     build = setok("build", bundle, "--out", tmp_path / "engines")
     assert build.returncode == 2 and "--llm-attention eager" in build.stderr and not (tmp_path / "engines").exists()
+    # int4 weights on the GQA form (its logits are the newest token's: the gate and parity step through)
+    q = tmp_path / "gqa_int4"
+    calib = setok("calibrate", bundle, "--out", q, "--stages", "llm", "--llm-weights", "int4", "--n", "8", "--task-gate", "0",
+                  "--keep-slow-int8")  # a tiny LLM's int4 is not faster than its fp32: the accuracy gate still runs
+    assert calib.returncode == 0, calib.stderr[-2000:]
+    entry = M.load_manifest(q).stage("llm")
+    assert entry.precision == "int4" and entry.extra["attention"] == "gqa" and ops(q / entry.file)["MatMulNBits"] > 0
+    parity = setok("parity", tiny_ckpt, q, "--n", "2", "--precision", "int4")
+    assert parity.returncode == 0 and "PASS" in parity.stdout, parity.stdout[-2000:]
