@@ -43,3 +43,17 @@ def test_train_export_and_run_with_the_place_head(tmp_path):
     assert np.allclose(got[:, :2], placed, atol=1e-5)
     image = pipe.generate_image("a red circle at the top left")
     assert image.image.shape[:2] == (model.cfg.encoder.image_size,) * 2
+
+
+def test_place_steps_keeps_the_head_loss_to_the_last_stage2_steps(tmp_path):
+    """`--place-steps 3`: the head's loss joins only the last 3 stage-2 steps (from the first step it
+    crowded out the other losses, docs/generation.md), and the schedule is saved for --resume."""
+    ck = tmp_path / "ck"
+    proc = subprocess.run([sys.executable, "-m", "setok.cli", "train", "--preset", "tiny", "--steps", "12",
+                           "--place-head", "--place-steps", "3", "--out", str(ck)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = json.loads((ck / "training_state.json").read_text())
+    stage2 = [h for h in state["history"] if h["stage"] == 2]
+    assert len(stage2) == 7 and state["place_steps"] == 3
+    assert ["place" in h for h in stage2] == [False] * 4 + [True] * 3
+    assert all(h["lm"] > 0 for h in stage2)
