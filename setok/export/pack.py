@@ -89,6 +89,21 @@ def _groups(g) -> list[list]:
     return groups
 
 
+class Concat:
+    """A packed weight, concatenated only when it is written: the parts are mapped from the data file,
+    so an 8B model's packed q/k/v and gate/up (~18 GB fp32) never sit in memory at once."""
+
+    def __init__(self, parts: list[np.ndarray], axis: int):
+        self.parts, self.axis = parts, axis
+        shape = list(parts[0].shape)
+        shape[axis] = sum(p.shape[axis] for p in parts)
+        self.shape, self.dtype, self.size = tuple(shape), parts[0].dtype, int(np.prod(shape))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate(self.parts, self.axis)
+        return out if dtype is None else out.astype(dtype)
+
+
 def declare(g, nodes: list, elem_type: int) -> None:
     """Typed value_info for the new nodes' outputs: shape inference cannot pass the com.microsoft ops
     these graphs hold, and ONNX Runtime's quantizers need every MatMul's types (rank unknown here)."""
@@ -101,7 +116,7 @@ def declare(g, nodes: list, elem_type: int) -> None:
                 g.value_info.append(onnx.helper.make_tensor_value_info(out, elem_type, None))
 
 
-def pack_siblings(model, base: Path) -> dict[str, np.ndarray]:
+def pack_siblings(model, base: Path) -> dict[str, np.ndarray | Concat]:
     """Pack each group of sibling MatMuls of `model` (in place). Returns the new weights and biases by
     name, for `save_with_data` to store; the members' old ones are no longer read."""
     import onnx
@@ -119,13 +134,13 @@ def pack_siblings(model, base: Path) -> dict[str, np.ndarray]:
         biases = [_bias(inits, producer, consumers, n, k) for n, k in zip(group, ns)]
         with_bias = all(b is not None for b in biases)
         name = f"{group[0].name}/packed{len(group)}"
-        new[name + ".weight"] = np.concatenate([read_initializer(inits[n.input[1]], base) for n in group], 1)
+        new[name + ".weight"] = Concat([read_initializer(inits[n.input[1]], base) for n in group], 1)
         outs = [b[0].output[0] for b in biases] if with_bias else [n.output[0] for n in group]
         mk = onnx.helper.make_node
         nodes = [mk("MatMul", [group[0].input[0], name + ".weight"], [name + "_mm"], name=name + "/MatMul")]
         y = name + "_mm"
         if with_bias:
-            new[name + ".bias"] = np.concatenate([read_initializer(b[1], base) for b in biases])
+            new[name + ".bias"] = Concat([read_initializer(b[1], base) for b in biases], 0)
             nodes.append(mk("Add", [y, name + ".bias"], [name + "_add"], name=name + "/Add"))
             y = name + "_add"
         declare(g, nodes, inits[group[0].input[1]].data_type)
@@ -145,7 +160,7 @@ def pack_siblings(model, base: Path) -> dict[str, np.ndarray]:
     return new
 
 
-def save_with_data(model, path: Path, new: dict[str, np.ndarray]) -> None:
+def save_with_data(model, path: Path, new: dict[str, np.ndarray | Concat]) -> None:
     """Save `model` to `path` with the arrays `new` as initializers and only the initializers its nodes
     read. With external data, every kept external tensor is copied into a fresh `<graph>.data` (the
     graph's old data file is read while it is written, then replaced); inline graphs stay inline."""
@@ -161,7 +176,7 @@ def save_with_data(model, path: Path, new: dict[str, np.ndarray]) -> None:
     del g.initializer[:]
     if not external:
         g.initializer.extend(kept)
-        g.initializer.extend(onnx.numpy_helper.from_array(np.ascontiguousarray(a), k) for k, a in new.items())
+        g.initializer.extend(onnx.numpy_helper.from_array(np.asarray(a), k) for k, a in new.items())
         with atomic_file(path) as tmp:
             onnx.save(model, str(tmp))
         return
@@ -176,10 +191,10 @@ def save_with_data(model, path: Path, new: dict[str, np.ndarray]) -> None:
                 g.initializer.append(t)
             for k, a in new.items():
                 if a.size < WEIGHT_MIN_NUMEL:  # split sizes: inline, like the exporter's own constants
-                    g.initializer.append(onnx.numpy_helper.from_array(a, k))
+                    g.initializer.append(onnx.numpy_helper.from_array(np.asarray(a), k))
                     continue
                 t = onnx.TensorProto(name=k, dims=a.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(a.dtype))
-                offset = append_tensor(f, t, np.ascontiguousarray(a), data_name, offset)
+                offset = append_tensor(f, t, np.ascontiguousarray(np.asarray(a)), data_name, offset)  # one at a time
                 g.initializer.append(t)
         with atomic_file(path) as tmp:  # the graph's references are to the new file's offsets
             onnx.save(model, str(tmp))
