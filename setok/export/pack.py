@@ -160,6 +160,19 @@ def pack_siblings(model, base: Path) -> dict[str, np.ndarray | Concat]:
     return new
 
 
+def _check_space(folder: Path, external: list, new: dict) -> None:
+    """The fresh data file is written beside the old one: refuse up front, by name, if it cannot fit."""
+    import shutil
+
+    from setok.errors import InputError
+
+    need = sum(external_ref(t)[2] for t in external) + sum(int(a.size) * np.dtype(a.dtype).itemsize for a in new.values())
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise InputError(f"{folder}: {free / 1e9:.1f} GB free, but packing the llm's weights writes a new "
+                         f"{need / 1e9:.1f} GB data file beside the old one; expected that much free space")
+
+
 def save_with_data(model, path: Path, new: dict[str, np.ndarray | Concat]) -> None:
     """Save `model` to `path` with the arrays `new` as initializers and only the initializers its nodes
     read. With external data, every kept external tensor is copied into a fresh `<graph>.data` (the
@@ -181,6 +194,7 @@ def save_with_data(model, path: Path, new: dict[str, np.ndarray | Concat]) -> No
             onnx.save(model, str(tmp))
         return
     data_name = path.name + ".data"
+    _check_space(path.parent, [t for t in kept if external_ref(t) is not None], new)
     with atomic_file(path.parent / data_name) as data_tmp:
         offset = 0
         with open(data_tmp, "wb") as f:

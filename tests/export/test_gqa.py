@@ -258,3 +258,20 @@ def test_cli_export_gqa_runs_batched_and_is_refused_by_tensorrt(tiny_ckpt, tmp_p
     assert entry.precision == "int4" and entry.extra["attention"] == "gqa" and ops(q / entry.file)["MatMulNBits"] > 0
     parity = setok("parity", tiny_ckpt, q, "--n", "2", "--precision", "int4")
     assert parity.returncode == 0 and "PASS" in parity.stdout, parity.stdout[-2000:]
+
+
+def test_packing_without_the_disk_space_is_refused_up_front(tmp_path, monkeypatch):
+    """The fresh data file is written beside the old one; with too little free space the rewrite stops
+    with a one-line error naming both sizes, and the graph and its data are left as they were."""
+    import shutil
+
+    llm = small_llm("llama")
+    path = export_llm(llm, tmp_path)
+    onnx.save(onnx.load(str(path)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data", size_threshold=0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))  # the OS's answer, not ours
+    with pytest.raises(InputError, match="GB free, but packing"):
+        rewrite_gqa(path, HEADS, KV_HEADS, rope_tables(llm))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
