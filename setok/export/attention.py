@@ -15,12 +15,16 @@ Softmax give the scale, and the Transpose/Reshape after the second MatMul give t
 Anything else on that path (a logit soft-cap, a sliding-window mask) stops the rewrite with an error.
 HF's rotary embedding (x * cos + rotate_half(x) * sin on q and k) becomes RotaryEmbedding on
 `position_ids` with the model's own cos/sin tables; another rotary form stays as exported (q and k
-then arrive rotated). GroupQueryAttention's own rotary is not used (do_rotary=0): it derives positions
-from the lengths, RotaryEmbedding reads the graph's position_ids as the eager graph does.
+then arrive rotated).
 
 Where a projection's output only went through Reshape + Transpose to (B, heads, S, hd), the GQA input
 is that (B, S, heads * hd) output itself (no transpose round trip), and the q/k/v projections, like an
-MLP's gate/up, are then packed into one MatMul each (export/pack.py, onnxruntime-genai's layout).
+MLP's gate/up, are then packed into one MatMul each (export/pack.py, onnxruntime-genai's layout). A
+GQA node whose q/k/v are one packed projection then takes it whole and rotates q and k itself
+(do_rotary=1 with the same tables): its positions come from the lengths (past length + offset per
+row), which equal position_ids for the right-padded rows the runtime sends. RMSNorm and the residual
+Add become SkipSimplifiedLayerNormalization (export/norms.py), and the LM head reads only each row's
+newest token (`newest_logits`). onnxruntime-genai's model builder writes the same layout.
 
 GroupQueryAttention reads the mask as lengths (`seqlens_k` = real tokens - 1, per row): a batched prompt
 must be right-padded, which the runtime does for every llm form (backends/decode.py).
@@ -340,8 +344,9 @@ def prune(g) -> int:
 
 def rewrite_gqa(path: Path, heads: int, kv_heads: int, rope: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, int]:
     """Rewrite the llm graph at `path` in place (atomically), then pack its sibling projections
-    (export/pack.py; external weights are rewritten to a fresh data file beside it). `rope`: the (max_positions, head_dim / 2) cos and sin
-    tables of the model's rotary embedding; with them HF's rotary ops become RotaryEmbedding nodes.
+    (export/pack.py; external weights are rewritten to a fresh data file beside it). `rope`: the
+    (max_positions, head_dim / 2) cos and sin tables of the model's rotary embedding; with them HF's
+    rotary ops become GroupQueryAttention's own (or RotaryEmbedding nodes where q/k/v stay apart).
     Returns counts for the log."""
     import onnx
 
