@@ -54,9 +54,9 @@ def main(verbose: bool) -> None:
 @click.option("--place-head", is_flag=True,
               help="Generation places each token by a 3x3-cell classification plus a position in the cell, "
                    "instead of regressing its centroid with MSE (docs/generation.md).")
-@click.option("--place-steps", type=click.IntRange(0), default=300, show_default=True,
+@click.option("--place-steps", type=click.IntRange(1), default=300, show_default=True,
               help="With --place-head: its loss joins only the last N stage-2 steps (from the start it "
-                   "crowds out the other losses).")
+                   "crowds out the other losses; N >= the stage-2 steps: all of them).")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Global batch (split over torchrun processes); default per preset.")
 @click.option("--encoder", "encoder_path", type=click.Path(exists=True, file_okay=False), default=None,

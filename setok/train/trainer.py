@@ -142,6 +142,8 @@ def train(opts: TrainOptions) -> Path:
         cfg.encoder = tower_config(cfg.encoder, opts.encoder_path)  # image size, patch grid, normalisation
     cfg.encoder.freeze = opts.freeze_encoder
     cfg.place_head = opts.place_head
+    if opts.place_steps is not None and opts.place_steps < 1:
+        raise InputError(f"--place-steps {opts.place_steps}: expected at least 1 (the head would never train)")
     cfg.llm.hf_path = opts.llm_path
     state = _load_state(opts) if opts.resume else None
     if state is not None:
