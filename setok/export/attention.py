@@ -33,13 +33,13 @@ must be right-padded, which the runtime does for every llm form (backends/decode
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from setok import manifest as M
 from setok.errors import InputError
+from setok.export.graph import Graph
 from setok.export.norms import NORM, SKIP_NORM, fuse_norms
 from setok.export.pack import declare, pack_siblings, save_with_data
 
@@ -82,27 +82,8 @@ def check_supported(config) -> None:
                           f"{config.sliding_window}; expected full attention (export with --llm-attention eager)")
 
 
-class _Graph:
-    """Producer / consumer lookups over one GraphProto."""
-
-    def __init__(self, g):
-        self.g = g
-        self.producer = {o: n for n in g.node for o in n.output}
-        self.consumers = defaultdict(list)
-        for n in g.node:
-            for x in n.input:
-                self.consumers[x].append(n)
-        self.consts = {t.name: t for t in g.initializer}
-
-    def const(self, name: str) -> np.ndarray | None:
-        import onnx
-
-        if name in self.consts and not self.consts[name].external_data:
-            return onnx.numpy_helper.to_array(self.consts[name])
-        n = self.producer.get(name)
-        if n is not None and n.op_type == "Constant":
-            return onnx.numpy_helper.to_array(n.attribute[0].t)
-        return None
+class _Graph(Graph):
+    """The lookups, plus the rewrite's own strict reader check."""
 
     def only_consumer(self, name: str, layer: int):
         users = [n for n in self.consumers[name] if n.op_type != "Shape"]
@@ -246,11 +227,6 @@ def _layer(gr: _Graph, layer: int, kv: M.KvCache, heads: int, kv_heads: int,
     return out, nodes, {out, pres_k, pres_v}
 
 
-def _through_identity(gr: _Graph, name: str) -> str:
-    n = gr.producer.get(name)
-    return n.input[0] if n is not None and n.op_type == "Identity" else name
-
-
 def fold_packed_rotary(g) -> int:
     """Where a GroupQueryAttention's q, k and v are the three outputs of one packed projection's Split
     (q and k each through a RotaryEmbedding on the tables), feed it the packed tensor instead and let it
@@ -266,7 +242,7 @@ def fold_packed_rotary(g) -> int:
             if r is not None and r.op_type == "RotaryEmbedding":
                 ropes.append(r)
                 x = r.input[0]
-            srcs.append(_through_identity(gr, x))
+            srcs.append(gr.through_identity(x))
         split = gr.producer.get(srcs[0])
         if len(ropes) != 2 or split is None or split.op_type != "Split" or list(split.output) != srcs:
             continue

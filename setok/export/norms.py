@@ -11,45 +11,17 @@ from the ReduceMean; a norm that does not match exactly stays as exported.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 
 import numpy as np
+
+from setok.export.graph import Graph
 
 log = logging.getLogger(__name__)
 
 SKIP_NORM, NORM, MS_DOMAIN = "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "com.microsoft"
 
 
-class _Lookup:
-    def __init__(self, g):
-        self.producer = {o: n for n in g.node for o in n.output}
-        self.consumers = defaultdict(list)
-        for n in g.node:
-            for x in n.input:
-                self.consumers[x].append(n)
-        self.inits = {t.name: t for t in g.initializer}
-
-    def value(self, name: str) -> np.ndarray | None:
-        import onnx
-
-        if name in self.inits and not self.inits[name].external_data:
-            return onnx.numpy_helper.to_array(self.inits[name])
-        n = self.producer.get(name)
-        if n is not None and n.op_type == "Constant":
-            return onnx.numpy_helper.to_array(n.attribute[0].t)
-        return None
-
-    def only(self, name: str, op: str):
-        users = self.consumers[name]
-        return users[0] if len(users) == 1 and users[0].op_type == op else None
-
-    def through_identity(self, name: str) -> str:
-        """An initializer behind the Identity the exporter writes for deduplicated (equal) constants."""
-        n = self.producer.get(name)
-        while n is not None and n.op_type == "Identity":
-            name, n = n.input[0], self.producer.get(n.input[0])
-        return name
-
+class _Lookup(Graph):
     def through_cast(self, name: str) -> str:
         """Skip float->float Casts (the norm's upcast of an fp32 graph)."""
         n = self.producer.get(name)
@@ -70,14 +42,14 @@ def _match(lk: _Lookup, reduce) -> tuple[str, str, float, object] | None:
     """(x, weight, epsilon, the last node) of the RMSNorm whose ReduceMean is `reduce`, else None."""
     axes = [list(a.ints) for a in reduce.attribute if a.name == "axes"]
     pow_ = lk.producer.get(reduce.input[0])
-    if axes != [[-1]] or pow_ is None or pow_.op_type != "Pow" or not _is(lk.value(pow_.input[1]), 2):
+    if axes != [[-1]] or pow_ is None or pow_.op_type != "Pow" or not _is(lk.const(pow_.input[1]), 2):
         return None
     x = pow_.input[0]
     add = lk.only(reduce.output[0], "Add")
-    eps = lk.value(_other(add, reduce.output[0])) if add is not None else None
+    eps = lk.const(_other(add, reduce.output[0])) if add is not None else None
     sqrt = lk.only(add.output[0], "Sqrt") if eps is not None and eps.size == 1 else None
     div = lk.only(sqrt.output[0], "Div") if sqrt is not None else None
-    if div is None or div.input[1] != sqrt.output[0] or not _is(lk.value(div.input[0]), 1):
+    if div is None or div.input[1] != sqrt.output[0] or not _is(lk.const(div.input[0]), 1):
         return None
     mul = lk.only(div.output[0], "Mul")
     if mul is None or _other(mul, div.output[0]) != x:
@@ -88,7 +60,7 @@ def _match(lk: _Lookup, reduce) -> tuple[str, str, float, object] | None:
         last = cast
     scale = lk.only(last.output[0], "Mul")
     weight = lk.through_identity(_other(scale, last.output[0])) if scale is not None else None
-    if weight not in lk.inits or len(lk.inits[weight].dims) != 1:
+    if weight not in lk.consts or len(lk.consts[weight].dims) != 1:
         return None
     return x, weight, float(eps.reshape(-1)[0]), scale
 
@@ -106,7 +78,7 @@ def fuse_norms(g) -> dict[str, int]:
         x, weight, eps, last = found
         src = lk.through_cast(x)
         add = lk.producer.get(src)
-        residual = add is not None and add.op_type == "Add" and not any(i in lk.inits for i in add.input)
+        residual = add is not None and add.op_type == "Add" and not any(i in lk.consts for i in add.input)
         if residual:  # the Add's own output stays, as the fused node's fourth output
             node = mk(SKIP_NORM, [*add.input, weight], [last.output[0], "", "", src], domain=MS_DOMAIN,
                       epsilon=eps, name=reduce.name + "/" + SKIP_NORM)

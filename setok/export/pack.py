@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from setok.export.external import WEIGHT_MIN_NUMEL, append_tensor, external_ref
+from setok.export.graph import Graph
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +50,13 @@ def _weight(inits: dict, node) -> object | None:
     return t if ok else None
 
 
-def _constant(inits: dict, producer: dict, name: str):
-    """The initializer `name` is, through the Identity nodes the exporter writes for deduplicated
-    constants (equal bias vectors, e.g. a fresh model's zeros, share one initializer)."""
-    for _ in range(4):
-        if name in inits:
-            return inits[name]
-        node = producer.get(name)
-        if node is None or node.op_type != "Identity":
-            return None
-        name = node.input[0]
-    return None
-
-
-def _bias(inits: dict, producer: dict, consumers: dict, node, n: int):
+def _bias(gr: Graph, node, n: int):
     """The Add right after MatMul `node` with a constant (N,) bias, when it is the MatMul's only reader."""
-    users = consumers[node.output[0]]
-    if len(users) != 1 or users[0].op_type != "Add":
+    add = gr.only(node.output[0], "Add")
+    if add is None:
         return None
-    add = users[0]
     other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-    t = _constant(inits, producer, other)
+    t = gr.consts.get(gr.through_identity(other))
     return (add, t) if t is not None and list(t.dims) == [n] else None
 
 
@@ -122,16 +109,13 @@ def pack_siblings(model, base: Path) -> dict[str, np.ndarray | Concat]:
     import onnx
 
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    consumers, producer = defaultdict(list), {o: n for n in g.node for o in n.output}
-    for node in g.node:
-        for x in node.input:
-            consumers[x].append(node)
+    gr = Graph(g)
+    inits = gr.consts
     new, replace = {}, {}  # replace: id(first member) -> the packed nodes; other members -> []
     groups = _groups(g)
     for group in groups:
         ns = [int(inits[n.input[1]].dims[1]) for n in group]
-        biases = [_bias(inits, producer, consumers, n, k) for n, k in zip(group, ns)]
+        biases = [_bias(gr, n, k) for n, k in zip(group, ns)]
         with_bias = all(b is not None for b in biases)
         name = f"{group[0].name}/packed{len(group)}"
         new[name + ".weight"] = Concat([read_initializer(inits[n.input[1]], base) for n in group], 1)
