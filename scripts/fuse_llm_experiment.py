@@ -53,7 +53,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from setok.export.attention import prune  # the shipped form's (setok export --llm-attention gqa)
+from setok.export.attention import (
+    prune,  # the shipped form's (setok export --llm-attention gqa)
+)
 
 log = logging.getLogger("fuse_llm")
 

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -29,7 +30,7 @@ for i in range(8):
     t = time.perf_counter(); o2 = dict(zip(names, s.run(None, f))); print(f"{(time.perf_counter()-t)*1000:.1f} ms")
     past = kv.as_past(o2)
 pf = s.end_profiling()
-ev = json.load(open(pf)); os.unlink(pf)
+ev = json.loads(Path(pf).read_text()); os.unlink(pf)
 runs = [x for x in ev if x.get("name") == "model_run"]
 last = runs[-4:]
 agg = collections.Counter()

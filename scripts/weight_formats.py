@@ -13,6 +13,7 @@ from setok.calibration import feeds as D
 from setok.calibration import weights as W
 from setok.calibration.quantize import compare_decoder
 from setok.runtime.pipeline import Pipeline
+
 bundle, out = Path(sys.argv[1]), Path(sys.argv[2])
 out.mkdir(parents=True, exist_ok=True)
 pipe = Pipeline.open(bundle)
