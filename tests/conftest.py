@@ -21,6 +21,20 @@ def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_newest_bundle(tiny_ckpt, tmp_path_factory) -> Path:
+    """`setok export --llm-logits newest` of the tiny checkpoint (eager attention, the LM head for each
+    row's newest token only), through the CLI."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny_newest"
+    proc = subprocess.run([sys.executable, "-m", "setok.cli", "export", str(tiny_ckpt), "--out", str(out),
+                           "--llm-logits", "newest"], check=False, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def shipped_bundle(tmp_path_factory) -> Path:
     """The shipped small checkpoint exported once, for the tests that check content (masks against
     the scene's, answers that differ between scenes, threads that could mix images up): the barely

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from setok.errors import SetokError
-from setok.manifest import ATTENTION_FORMS, EAGER_ATTENTION
+from setok.manifest import ATTENTION_FORMS, EAGER_ATTENTION, LOGITS_FORMS
 
 
 def user_errors(fn):
@@ -129,14 +129,18 @@ def demo(ckpt: Path | None, out: Path, n: int) -> None:
 @click.option("--llm-attention", type=click.Choice(ATTENTION_FORMS), default=EAGER_ATTENTION, show_default=True,
               help="gqa: the LLM's attention as ONNX Runtime's fused GroupQueryAttention (faster decode on ONNX "
                    "Runtime; TensorRT cannot build it). eager: plain ONNX ops, for every backend.")
+@click.option("--llm-logits", type=click.Choice(LOGITS_FORMS), default=None,
+              help="newest: the LM head reads only each row's newest token (logits [batch, 1, vocab]; a prefill "
+                   "skips the vocabulary-sized head for every other position). Default: newest with "
+                   "--llm-attention gqa, all with eager.")
 @user_errors
 def export(ckpt: Path, out: Path, opset: int, max_tokens: int | None, max_context: int | None, dtype: str,
-           llm_attention: str) -> None:
+           llm_attention: str, llm_logits: str | None) -> None:
     """Export every stage of a checkpoint to ONNX, validated against PyTorch, plus manifest.json."""
     from setok.export.onnx import export_bundle
 
     export_bundle(_checkpoint(ckpt), out, opset=opset, max_tokens=max_tokens, max_context=max_context, dtype=dtype,
-                  attention=llm_attention)
+                  attention=llm_attention, logits=llm_logits)
     click.echo(f"bundle written to {out}")
 
 

@@ -24,7 +24,7 @@ GQA node whose q/k/v are one packed projection then takes it whole and rotates q
 (do_rotary=1 with the same tables): its positions come from the lengths (past length + offset per
 row), which equal position_ids for the right-padded rows the runtime sends. RMSNorm and the residual
 Add become SkipSimplifiedLayerNormalization (export/norms.py), and the LM head reads only each row's
-newest token (`newest_logits`). onnxruntime-genai's model builder writes the same layout.
+newest token (export/logits.py). onnxruntime-genai's model builder writes the same layout.
 
 GroupQueryAttention reads the mask as lengths (`seqlens_k` = real tokens - 1, per row): a batched prompt
 must be right-padded, which the runtime does for every llm form (backends/decode.py).
@@ -40,6 +40,7 @@ import numpy as np
 from setok import manifest as M
 from setok.errors import InputError
 from setok.export.graph import Graph
+from setok.export.logits import gqa_column, newest_logits
 from setok.export.norms import NORM, SKIP_NORM, fuse_norms
 from setok.export.pack import declare, pack_siblings, save_with_data
 
@@ -257,39 +258,6 @@ def fold_packed_rotary(g) -> int:
     return folded
 
 
-def newest_logits(g) -> bool:
-    """Have the LM head read only each row's newest real token of this call, so `logits` is (B, 1, V):
-    a prefill of S tokens then multiplies one row per sequence by the (vocabulary-sized) head instead of
-    S (the runtime reads only that row; backends/decode.py take_newest). With right-padded rows the
-    newest is seqlens_k - past length. hidden_states stays (B, S, H): the seg head reads every
-    position. False (graph unchanged) when `logits` is not one MatMul's output."""
-    import onnx
-
-    head = next((n for n in g.node if M.LOGITS in n.output), None)
-    if head is None or head.op_type != "MatMul":
-        return False
-    mk, h, p = onnx.helper.make_node, head.input[0], "gqa/newest"
-    nodes = [mk("Shape", [h], [f"{p}/h_shape"], name=f"{p}/Shape"),
-             mk("Gather", [f"{p}/h_shape", "gqa/one"], [f"{p}/chunk"], axis=0, name=f"{p}/Gather"),
-             mk("Sub", ["gqa/total_64", f"{p}/chunk"], [f"{p}/past"], name=f"{p}/Sub_past"),
-             mk("Sub", ["gqa/seqlens_k_64", f"{p}/past"], [f"{p}/raw"], name=f"{p}/Sub"),
-             mk("Max", [f"{p}/raw", "gqa/zero"], [f"{p}/col"], name=f"{p}/Max"),  # a row with no new real token
-             mk("Unsqueeze", [f"{p}/col", "gqa/axis1"], [f"{p}/index"], name=f"{p}/Unsqueeze_index"),
-             mk("GatherND", [h, f"{p}/index"], [f"{p}/row"], batch_dims=1, name=f"{p}/GatherND"),  # (B, H)
-             mk("Unsqueeze", [f"{p}/row", "gqa/axis1"], [f"{p}/h"], name=f"{p}/Unsqueeze")]  # (B, 1, H)
-    at = list(g.node).index(head)
-    head.input[0] = f"{p}/h"
-    declare(g, nodes[-2:], onnx.TensorProto.FLOAT)
-    out = next(o for o in g.output if o.name == M.LOGITS)
-    dims = out.type.tensor_type.shape.dim
-    if len(dims) == 3:
-        dims[1].Clear()
-        dims[1].dim_value = 1
-    for i, n in enumerate(nodes):
-        g.node.insert(at + i, n)
-    return True
-
-
 def _constants() -> list:
     import onnx
 
@@ -318,12 +286,13 @@ def prune(g) -> int:
     return dropped
 
 
-def rewrite_gqa(path: Path, heads: int, kv_heads: int, rope: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, int]:
+def rewrite_gqa(path: Path, heads: int, kv_heads: int, rope: tuple[np.ndarray, np.ndarray] | None = None,
+                newest: bool = True) -> dict[str, int]:
     """Rewrite the llm graph at `path` in place (atomically), then pack its sibling projections
     (export/pack.py; external weights are rewritten to a fresh data file beside it). `rope`: the
     (max_positions, head_dim / 2) cos and sin tables of the model's rotary embedding; with them HF's
     rotary ops become GroupQueryAttention's own (or RotaryEmbedding nodes where q/k/v stay apart).
-    Returns counts for the log."""
+    newest: the LM head reads only each row's newest token (export/logits.py). Returns counts for the log."""
     import onnx
 
     path = Path(path)
@@ -353,7 +322,7 @@ def rewrite_gqa(path: Path, heads: int, kv_heads: int, rope: tuple[np.ndarray, n
     if rope is not None:
         g.initializer.extend(onnx.numpy_helper.from_array(np.ascontiguousarray(t, np.float32), f"gqa/{n}_cache")
                              for n, t in zip(("cos", "sin"), rope))
-    newest = newest_logits(g)
+    newest = newest and newest_logits(g, gqa_column)
     norms = fuse_norms(g)  # RMSNorm + the residual Add in front of it: one node
     dropped = prune(g)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):

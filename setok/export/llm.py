@@ -376,15 +376,23 @@ def llm_record(model) -> dict:
     return {"kv_cache": M.KvCache.for_layers(model.llm.config.num_hidden_layers).to_dict()}
 
 
-def fuse_llm_attention(stage, model, path: Path) -> dict[str, str]:
+def fuse_llm_attention(stage, model, path: Path, newest: bool = True) -> dict[str, str]:
     """The llm graph's attention as GroupQueryAttention, in place (export/attention.py); returns what
-    the manifest records of the new form."""
+    the manifest records of the new form. newest: logits for each row's newest token only."""
     from setok.export.attention import check_supported, rewrite_gqa, rope_tables
 
     c = model.llm.config
     check_supported(c)
-    stats = rewrite_gqa(path, c.num_attention_heads, c.num_key_value_heads, rope_tables(model.llm))
+    stats = rewrite_gqa(path, c.num_attention_heads, c.num_key_value_heads, rope_tables(model.llm), newest)
     return {"attention": M.GQA_ATTENTION, "logits": M.NEWEST_LOGITS if stats["newest_logits"] else M.ALL_LOGITS}
+
+
+def newest_llm_logits(stage, model, path: Path) -> dict[str, str]:
+    """The (eager) llm graph's LM head for each row's newest token only, in place (export/logits.py)."""
+    from setok.export.logits import rewrite_newest
+
+    rewrite_newest(path)
+    return {"logits": M.NEWEST_LOGITS}
 
 
 def export_llm_stage(stage, model, out_dir: Path, opset: int, example: dict) -> Path:

@@ -92,16 +92,20 @@ def text_contract(model: Setokim, max_context: int | None = None) -> dict:
 
 def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: bool = True, max_tokens: int | None = None,
                   stages: dict[str, Stage] | None = None, max_context: int | None = None, dtype: str = "fp32",
-                  attention: str = EAGER) -> Path:
+                  attention: str = EAGER, logits: str | None = None) -> Path:
     """Export every registered stage (of `stages`, default the registry) of a checkpoint to `out`
     (atomically), validate each, and write the manifest. dtype "fp16": the stages that may take
     it get float16 weights (float32 I/O), validated against PyTorch fp32 with their fp16 gates.
     attention "gqa": the stages with attention get ONNX Runtime's GroupQueryAttention (validated
-    again; ONNX Runtime only, TensorRT cannot parse it)."""
+    again; ONNX Runtime only, TensorRT cannot parse it). logits "newest": the LM head reads only each
+    row's newest token ((B, 1, V) logits; None: newest for gqa, all for eager)."""
     from tqdm.auto import tqdm
 
     if attention not in M.ATTENTION_FORMS:
         raise InputError(f"attention {attention!r}: expected one of {list(M.ATTENTION_FORMS)}")
+    logits = logits or (M.NEWEST_LOGITS if attention == GQA else M.ALL_LOGITS)
+    if logits not in M.LOGITS_FORMS:
+        raise InputError(f"logits {logits!r}: expected one of {list(M.LOGITS_FORMS)}")
     model = Setokim.from_pretrained(ckpt)
     if max_tokens is not None:
         model.cfg.cluster.max_tokens = max_tokens  # the merger's T follows; weights do not depend on it
@@ -115,11 +119,9 @@ def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: b
             path = st.export(st, model, tmp, opset, example)
             if validate:
                 st.validate(st, model, path, example)
-            record = {}
-            if attention == GQA and st.fuse_attention is not None:
-                record = st.fuse_attention(st, model, path)  # what the manifest records of the new form
-                if validate:
-                    st.validate(st, model, path, example)
+            record = _rewrite(st, model, path, attention, logits)  # what the manifest records of the new form
+            if record and validate:
+                st.validate(st, model, path, example)
             precision = "fp32"
             if dtype == HALF and st.half:
                 precision = HALF
@@ -133,6 +135,16 @@ def export_bundle(ckpt: Path, out: Path, opset: int = DEFAULT_OPSET, validate: b
         M.Manifest(setok.__version__, model.cfg.to_dict(), preprocessing(model), entries, files, text).write(tmp)
     log.info("bundle written to %s", out)
     return Path(out)
+
+
+def _rewrite(st: Stage, model: Setokim, path: Path, attention: str, logits: str) -> dict:
+    """The stage's graph in the requested attention / logits form (in place); its manifest extras."""
+    newest = logits == M.NEWEST_LOGITS
+    if attention == GQA and st.fuse_attention is not None:
+        return st.fuse_attention(st, model, path, newest=newest)
+    if newest and st.newest_logits is not None:
+        return st.newest_logits(st, model, path)
+    return {}
 
 
 def _entry(st: Stage, model: Setokim, path: Path, opset: int, precision: str = "fp32",

@@ -107,6 +107,9 @@ class Stage:
     # (stage, model, path) -> manifest extras: rewrite the exported graph's attention as ONNX Runtime's
     # fused GroupQueryAttention (`setok export --llm-attention gqa`); None: the stage has no attention.
     fuse_attention: Callable[..., Any] | None = None
+    # (stage, model, path) -> manifest extras: the eager graph's logits for each row's newest token
+    # only (`setok export --llm-logits newest`); None: the stage has no LM head.
+    newest_logits: Callable[..., Any] | None = None
 
     @property
     def file(self) -> str:
@@ -237,7 +240,8 @@ register(Stage("llm", lazy("setok.export.llm:llm_specs"), lambda f: {}, lambda m
                tolerance=Tolerance(cosine=0.9999, norm_ratio=1e-3, max_abs=1e-3),
                half_tolerance=Tolerance(cosine=0.999, norm_ratio=1e-2),
                files=(("embeddings", "llm_embeddings.npy"), ("tokenizer", "tokenizer.json")),
-               record=lazy("setok.export.llm:llm_record"), fuse_attention=lazy("setok.export.llm:fuse_llm_attention")))
+               record=lazy("setok.export.llm:llm_record"), fuse_attention=lazy("setok.export.llm:fuse_llm_attention"),
+               newest_logits=lazy("setok.export.llm:newest_llm_logits")))
 register(Stage("regress_head", io({M.HIDDEN: (F32, _hidden)}, {M.VISION_TOKENS: (F32, _tokens)}),
                lambda f: {M.HIDDEN: f.hidden[0]}, lazy("setok.model.setokim:TokenHead")))
 register(Stage("seg_head", io({M.QUERY_HIDDEN: (F32, _query), M.TOKEN_HIDDEN: (F32, _token_hidden)},

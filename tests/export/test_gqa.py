@@ -1,6 +1,6 @@
-"""`--llm-attention gqa`: the llm graph's attention as ONNX Runtime's GroupQueryAttention, checked with
-real exports and real ONNX Runtime sessions against PyTorch, and ragged batches through the runtime's
-own decoders."""
+"""`--llm-attention gqa`: the llm graph's attention as ONNX Runtime's GroupQueryAttention, and
+`--llm-logits newest` on either form, checked with real exports and real ONNX Runtime sessions against
+PyTorch, and ragged batches through the runtime's own decoders."""
 
 import collections
 import types
@@ -17,6 +17,7 @@ from setok.backends.onnxrt.session import OrtBackend
 from setok.errors import InputError
 from setok.export.attention import GQA_OP, check_supported, rewrite_gqa, rope_tables
 from setok.export.llm import export_llm, llm_record, llm_specs, validate_llm
+from setok.export.logits import rewrite_newest
 
 HEADS, KV_HEADS = 4, 2  # repeat_kv in the eager graph: each key/value head serves two query heads
 
@@ -45,6 +46,18 @@ def both_forms(request, tmp_path_factory):
     gqa = export_llm(llm, tmp_path_factory.mktemp(f"{request.param}_gqa"))
     stats = rewrite_gqa(gqa, HEADS, KV_HEADS, rope_tables(llm))
     return llm, eager, gqa, stats
+
+
+@pytest.fixture(scope="module")
+def eager_newest(both_forms, tmp_path_factory):
+    """The eager graph with newest-token logits (`--llm-logits newest`, the form TensorRT builds)."""
+    import shutil
+
+    _, eager, _, _ = both_forms
+    out = tmp_path_factory.mktemp("eager_newest") / eager.name
+    shutil.copy(eager, out)
+    rewrite_newest(out)
+    return out
 
 
 def ops(path: Path) -> collections.Counter:
@@ -88,9 +101,11 @@ def test_sibling_projections_are_packed(both_forms):
     assert ops(gqa)["Transpose"] == 0
 
 
-def test_logits_come_for_the_newest_token_only(both_forms):
-    """A right-padded prefill: the GQA graph's logits are (B, 1, V), each row's newest real token, equal
-    to the eager graph's at that column; hidden_states keep every position (the seg head reads them)."""
+def test_logits_come_for_the_newest_token_only(both_forms, eager_newest):
+    """A right-padded prefill: the GQA graph's and the newest-logits eager graph's logits are (B, 1, V),
+    each row's newest real token, equal to the full eager graph's at that column; hidden_states keep
+    every position (the seg head reads them). Then a decode step on the eager cache, whose short row
+    has padding holes before the new token: still that token's logits."""
     import onnxruntime as ort
 
     _, eager, gqa, stats = both_forms
@@ -98,15 +113,39 @@ def test_logits_come_for_the_newest_token_only(both_forms):
     rng = np.random.default_rng(0)
     feed = {M.INPUTS_EMBEDS: rng.standard_normal((2, 6, 64)).astype(np.float32),
             M.ATTENTION_MASK: np.array([[1] * 6, [1] * 4 + [0] * 2]), M.POSITION_IDS: np.array([range(6), [0, 1, 2, 3, 3, 3]])}
-    outs = {}
-    for name, path in (("eager", eager), ("gqa", gqa)):
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs, sessions = {}, {}
+    for name, path in (("eager", eager), ("gqa", gqa), ("eager_newest", eager_newest)):
+        sess = sessions[name] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         past = {i.name: np.zeros((2, KV_HEADS, 0, 16), np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
         outs[name] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feed, **past})))
-    full, newest = outs["eager"][M.LOGITS], outs["gqa"][M.LOGITS]
-    assert full.shape == (2, 6, 96) and newest.shape == (2, 1, 96)
-    np.testing.assert_allclose(newest[:, 0], full[[0, 1], [5, 3]], atol=1e-4)
-    assert outs["gqa"][M.HIDDEN_STATES].shape == (2, 6, 64)
+    full = outs["eager"][M.LOGITS]
+    assert full.shape == (2, 6, 96)
+    for name in ("gqa", "eager_newest"):
+        assert outs[name][M.LOGITS].shape == (2, 1, 96), name
+        np.testing.assert_allclose(outs[name][M.LOGITS][:, 0], full[[0, 1], [5, 3]], atol=1e-4)
+        assert outs[name][M.HIDDEN_STATES].shape == (2, 6, 64)
+    step = {M.INPUTS_EMBEDS: rng.standard_normal((2, 1, 64)).astype(np.float32),
+            M.ATTENTION_MASK: np.array([[1] * 7, [1] * 4 + [0] * 2 + [1]]), M.POSITION_IDS: np.array([[6], [4]])}
+    got = {}
+    for name in ("eager", "eager_newest"):
+        kv = M.KvCache.for_layers(2)
+        past = {p: outs[name][q] for p, q in zip(kv.past, kv.present)}
+        got[name] = sessions[name].run([M.LOGITS], {**step, **past})[0]
+    np.testing.assert_allclose(got["eager_newest"], got["eager"], atol=1e-5)
+
+
+def test_newest_logits_need_the_lm_head_as_one_matmul(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Tanh", ["h"], [M.LOGITS])], "softcap",
+                          [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 2, 4])],
+                          [helper.make_tensor_value_info(M.LOGITS, TensorProto.FLOAT, [1, 2, 4])])
+    path = tmp_path / "llm.onnx"
+    onnx.save(helper.make_model(g), str(path))
+    with pytest.raises(InputError, match="logits come from Tanh; expected the LM head as one MatMul"):
+        rewrite_newest(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["llm.onnx"]  # nothing half-written beside it
 
 
 def test_packing_rewrites_external_data_without_dead_bytes(tmp_path):
@@ -146,7 +185,7 @@ def entry_of(llm, path: Path, **extra) -> M.StageEntry:
     return M.StageEntry("llm", path.name, "", "fp32", 17, ins, outs, {**llm_record(types.SimpleNamespace(llm=llm)), **extra})
 
 
-def test_a_ragged_batch_decodes_like_each_prompt_alone(both_forms):
+def test_a_ragged_batch_decodes_like_each_prompt_alone(both_forms, eager_newest):
     """Prompts of 3, 7 and 5 tokens, one prefill (right-padded), 60 greedy steps: each row's tokens equal
     its own unbatched run's, on the eager graph and the GQA graph (its ORT decoder with shared past /
     present buffers, grown once past 64 positions), through the runtime's decoders."""
@@ -158,7 +197,7 @@ def test_a_ragged_batch_decodes_like_each_prompt_alone(both_forms):
     def run(decoder, embeds, mask=None):
         return greedy(decoder, table, embeds, mask, steps=60)
 
-    for path, extra in ((eager, {}), (gqa, {}), (gqa, {"attention": "gqa"})):
+    for path, extra in ((eager, {}), (eager_newest, {"logits": "newest"}), (gqa, {}), (gqa, {"attention": "gqa"})):
         entry = entry_of(llm, path, **extra)
         backend = OrtBackend(path, entry)
         alone = [run(backend.decoder(1), p[None])[0] for p in prompts]
@@ -169,7 +208,7 @@ def test_a_ragged_batch_decodes_like_each_prompt_alone(both_forms):
         assert run(backend.decoder(3), embeds, mask) == alone, path
         assert run(HostDecoder(backend, entry), embeds, mask) == alone, path
         assert len({tuple(a) for a in alone}) == 3, "the prompts must decode differently for this to test anything"
-        if extra:
+        if extra.get("attention"):
             decoder = backend.decoder(3)
             run(decoder, embeds, mask)
             assert decoder.buffers is not None and decoder.capacity == 128, "shared buffers, grown from 64"
@@ -275,3 +314,29 @@ def test_packing_without_the_disk_space_is_refused_up_front(tmp_path, monkeypatc
     with pytest.raises(InputError, match="GB free, but packing"):
         rewrite_gqa(path, HEADS, KV_HEADS, rope_tables(llm))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_cli_export_newest_logits_on_the_eager_form(tiny_ckpt, tiny_newest_bundle):
+    """`setok export --llm-logits newest` (eager attention: the form TensorRT builds): the manifest records
+    it with logits [batch, 1, vocab], `setok parity` passes, TensorRT's lint finds nothing to refuse,
+    and the batched runtime answers equal the one-at-a-time ones."""
+    import subprocess
+    import sys
+
+    from setok.data.items import eval_items
+    from setok.runtime import Pipeline
+
+    bundle = tiny_newest_bundle
+    entry = M.load_manifest(bundle).stage("llm")
+    assert entry.extra["logits"] == "newest" and "attention" not in entry.extra
+    assert next(o for o in entry.outputs if o.name == M.LOGITS).shape[:2] == ["batch", 1]
+    assert ops(bundle / "llm.onnx")["GatherND"] == 1 and GQA_OP not in ops(bundle / "llm.onnx")
+    for args in (["parity", str(tiny_ckpt), str(bundle), "--n", "2"], ["lint", str(bundle), "--target", "tensorrt"]):
+        proc = subprocess.run([sys.executable, "-m", "setok.cli", *args], check=False, capture_output=True, text=True)
+        assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-2000:])
+    pipe = Pipeline.open(bundle)
+    items = eval_items(3, seed=47)
+    questions = ["what is here", "how many objects are there", "what colour is the big one on the left"]
+    batched = pipe.answer_batch([it.image for it in items], questions, max_new_tokens=6)
+    assert [b.token_ids for b in batched] == [pipe.answer(it.image, q, max_new_tokens=6).token_ids
+                                             for it, q in zip(items, questions)]

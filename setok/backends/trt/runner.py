@@ -307,8 +307,9 @@ class TrtDecoder:
         b._execute()
         last = {}
         for name in (M.LOGITS, M.HIDDEN_STATES):
-            row = np.empty(resolve_shape(b.outputs()[name], dims)[-1], np.float32)
-            b._copy(row.ctypes.data, b._buffers[name].ptr + last_row_offset(new, row.nbytes), row.nbytes,
+            shape = resolve_shape(b.outputs()[name], dims)  # (1, new, X); newest-only logits (1, 1, V)
+            row = np.empty(shape[-1], np.float32)
+            b._copy(row.ctypes.data, b._buffers[name].ptr + last_row_offset(shape[1], row.nbytes), row.nbytes,
                     "DeviceToHost", name)
             last[name] = row
         cuda_call(b.rt.cudaStreamSynchronize(b.stream), "cudaStreamSynchronize after a decode step")

@@ -453,15 +453,18 @@ class _OrtAsEngineContext(_FakeContext):
         return True
 
 
-def test_trt_decoder_keeps_the_cache_on_the_device_and_matches_onnxruntime(tiny_bundle, manifest, limits, tmp_path,
+@pytest.mark.parametrize("form", ["tiny_bundle", "tiny_newest_bundle"])
+def test_trt_decoder_keeps_the_cache_on_the_device_and_matches_onnxruntime(form, request, limits, tmp_path,
                                                                           monkeypatch):
+    """Both logits forms: all positions (the last row copied down) and `--llm-logits newest` ((1, 1, V))."""
     import onnxruntime as ort
 
     import setok.backends.trt.runner as T
     from setok.backends.decode import HostDecoder
     from setok.backends.onnxrt.session import OrtBackend
 
-    llm = manifest.stage("llm")
+    tiny_bundle = request.getfixturevalue(form)
+    llm = load_manifest(tiny_bundle).stage("llm")
     rt = _FakeCudart()
     copies = []
     real_copy = rt.cudaMemcpyAsync
