@@ -57,9 +57,9 @@ def main(verbose: bool) -> None:
 @click.option("--place-steps", type=click.IntRange(1), default=300, show_default=True,
               help="With --place-head: its loss joins only the last N stage-2 steps (from the start it "
                    "crowds out the other losses; N >= the stage-2 steps: all of them).")
-@click.option("--place-lr", type=float, default=0.3, show_default=True,
-              help="With --place-head: those last steps run at this constant learning rate, relative to the "
-                   "preset's (the stage-2 cosine ends where they begin).")
+@click.option("--place-lr", type=float, default=1.0, show_default=True,
+              help="With --place-head: the head's own parameters learn at this constant rate, relative to the "
+                   "preset's (the rest stays on the stage's cosine).")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Global batch (split over torchrun processes); default per preset.")
 @click.option("--encoder", "encoder_path", type=click.Path(exists=True, file_okay=False), default=None,

@@ -94,10 +94,11 @@ class TrainOptions:
     # step it dominated stage 2 and VQA fell 0.85 -> 0.78; added after the rest was learned, it
     # cost nothing (docs/generation.md "The place head").
     place_steps: int | None = 300
-    # ...and those last steps run as their own phase at this constant learning rate (relative to the
-    # preset's; None: the stage's cosine runs on through them). Inside the cosine they ran at
-    # 2.4e-4 -> 1e-4 and position reached 0.55; the probe's constant 3e-4 (0.3 of small's 1e-3) 0.79.
-    place_lr: float | None = 0.3
+    # ...during which the head's own parameters learn at this constant rate (relative to the preset's;
+    # None: the stage's cosine like the rest). The rest stays on the cosine: every parameter at a
+    # constant 3e-4 there took VQA 0.85 -> 0.81 (docs/generation.md); from scratch at the cosine's
+    # 2.4e-4 -> 1e-4 the head reached position 0.55 only.
+    place_lr: float | None = 1.0
     # Where the steps run: "cpu", "cuda" / "cuda:N" or "auto"; under torchrun each rank takes
     # cuda:LOCAL_RANK. bf16 autocasts the forward passes (weights and optimizer stay float32).
     device: str = "cpu"
@@ -226,14 +227,15 @@ class Trainer:
         if self.opts.tune_merger:
             self.model.vision.merger.requires_grad_(True)
             self.model.vision.detokenizer.requires_grad_(True)
-        groups: dict[bool, list] = {False: [], True: []}  # is a merger parameter -> parameters
+        groups: dict[str, list] = {"rest": [], "merger": [], "place": []}
         for n, p in self.model.named_parameters():
             if not n.startswith(frozen):
-                groups[n.startswith("vision.merger.")].append(p)
+                groups["merger" if n.startswith("vision.merger.") else "place" if n.startswith("place.") else "rest"].append(p)
         # The merger learns 10x slower in stage 2: through a still-random LLM its gradients are
         # noise, and at the full rate they erased what stage 1 taught (an MLP probe of object
         # shape from a token fell from 0.70 to 0.50 over stage 2; captions lost shapes).
-        param_groups = [{"params": groups[False], "scale": 1.0}, {"params": groups[True], "scale": MERGER_LR_SCALE}]
+        param_groups = [{"params": groups["rest"], "scale": 1.0}, {"params": groups["merger"], "scale": MERGER_LR_SCALE},
+                        {"params": groups["place"], "scale": 1.0, "place": True}]
         return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=self.lr, weight_decay=0.01)
 
     def run(self) -> None:
@@ -248,11 +250,11 @@ class Trainer:
             if step >= self.steps[stage - 1] or self._out_of_time(start):
                 self._next_stage()
                 continue
-            lr = self.lr * self._lr_scale()
+            lr = self._lrs()
             losses = self.step_stage1(step) if stage == 1 else self.step_stage2(step)
             self.state["step"] += 1
             self.state["elapsed"] = time.monotonic() - start
-            self.state.setdefault("history", []).append({"stage": stage, "step": step, "lr": lr, **losses})
+            self.state.setdefault("history", []).append({"stage": stage, "step": step, **lr, **losses})
             del self.state["history"][:-5000]  # bounded: the last 5000 steps' losses
             bar.update(1)
             bar.set_postfix(stage=stage, **{k: f"{v:.3f}" for k, v in losses.items()})
@@ -371,18 +373,24 @@ class Trainer:
         zero = next(iter(sums.values())) * 0.0  # a rank without a loss still joins the all-reduce
         return {n: sums.get(n, zero) * self.dist.world / total[n] for n in LOSS_NAMES if total[n]}
 
-    def _lr_scale(self) -> float:
+    def _lr_scale(self, group: dict | None = None) -> float:
+        """The learning rate of `group` (None: the stage's) relative to the preset's at this step."""
         stage, step, total = self.state["stage"], self.state["step"], self.steps[self.state["stage"] - 1]
-        last, phase = self.opts.place_steps, self.opts.place_lr
-        if stage == 1 or not self.cfg.place_head or last is None or phase is None or last >= total:
-            return lr_scale(step, total)
-        # The place phase: the cosine ends where the head's loss joins, then a constant rate.
-        return lr_scale(step, total - last) if step < total - last else phase
+        phase = self.opts.place_lr
+        if stage == 2 and group is not None and group.get("place") and phase is not None:
+            return phase  # the head trains only in its last place_steps steps, at a constant rate
+        return lr_scale(step, total) * (1.0 if group is None else group.get("scale", 1.0))
+
+    def _lrs(self) -> dict[str, float]:
+        """For the history: the stage's learning rate, and the place head's where it has its own."""
+        out = {"lr": self.lr * self._lr_scale()}
+        if any(g.get("place") for g in self.opt.param_groups):
+            out["lr_place"] = self.lr * self._lr_scale(next(g for g in self.opt.param_groups if g.get("place")))
+        return out
 
     def _apply(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
-        scale = self._lr_scale()
         for group in self.opt.param_groups:
-            group["lr"] = self.lr * group.get("scale", 1.0) * scale
+            group["lr"] = self.lr * self._lr_scale(group)
         total = sum(losses.values())
         self.opt.zero_grad(set_to_none=True)
         total.backward()

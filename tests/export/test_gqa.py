@@ -257,6 +257,19 @@ def test_a_graph_without_the_kv_cache_concat_is_refused(tmp_path):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["llm.onnx"]
 
 
+def assert_batched_answers_are_serial(bundle: Path, seed: int) -> None:
+    """The runtime's batched answers (one right-padded prefill) equal its one-at-a-time answers."""
+    from setok.data.items import eval_items
+    from setok.runtime import Pipeline
+
+    pipe = Pipeline.open(bundle)
+    items = eval_items(3, seed=seed)
+    questions = ["what is here", "how many objects are there", "what colour is the big one on the left"]
+    batched = pipe.answer_batch([it.image for it in items], questions, max_new_tokens=6)
+    assert [b.token_ids for b in batched] == [pipe.answer(it.image, q, max_new_tokens=6).token_ids
+                                             for it, q in zip(items, questions)]
+
+
 def test_cli_export_gqa_runs_batched_and_is_refused_by_tensorrt(tiny_ckpt, tmp_path):
     """`setok export --llm-attention gqa`: the manifest records the form, the runtime's batched answers
     equal its one-at-a-time answers, `setok parity` passes, ORT CPU lint passes, TensorRT's lint and
@@ -265,8 +278,6 @@ def test_cli_export_gqa_runs_batched_and_is_refused_by_tensorrt(tiny_ckpt, tmp_p
     import subprocess
     import sys
 
-    from setok.data.items import eval_items
-    from setok.runtime import Pipeline
 
     def setok(*args):
         return subprocess.run([sys.executable, "-m", "setok.cli", *map(str, args)], check=False, capture_output=True, text=True)
@@ -275,12 +286,7 @@ def test_cli_export_gqa_runs_batched_and_is_refused_by_tensorrt(tiny_ckpt, tmp_p
     assert setok("export", tiny_ckpt, "--out", bundle, "--llm-attention", "gqa").returncode == 0
     assert M.load_manifest(bundle).stage("llm").extra["attention"] == "gqa"
     assert ops(bundle / "llm.onnx")[GQA_OP] > 0
-    pipe = Pipeline.open(bundle)
-    items = eval_items(3, seed=46)
-    questions = ["what is here", "how many objects are there", "what colour is the big one on the left"]
-    batched = pipe.answer_batch([it.image for it in items], questions, max_new_tokens=6)
-    assert [b.token_ids for b in batched] == [pipe.answer(it.image, q, max_new_tokens=6).token_ids
-                                             for it, q in zip(items, questions)]
+    assert_batched_answers_are_serial(bundle, seed=46)
     parity = setok("parity", tiny_ckpt, bundle, "--n", "2")  # every stage and end to end against PyTorch
     assert parity.returncode == 0 and "PASS" in parity.stdout, parity.stdout[-2000:]
     assert setok("lint", bundle, "--target", "onnxruntime-cpu").returncode == 0
@@ -323,8 +329,6 @@ def test_cli_export_newest_logits_on_the_eager_form(tiny_ckpt, tiny_newest_bundl
     import subprocess
     import sys
 
-    from setok.data.items import eval_items
-    from setok.runtime import Pipeline
 
     bundle = tiny_newest_bundle
     entry = M.load_manifest(bundle).stage("llm")
@@ -334,9 +338,4 @@ def test_cli_export_newest_logits_on_the_eager_form(tiny_ckpt, tiny_newest_bundl
     for args in (["parity", str(tiny_ckpt), str(bundle), "--n", "2"], ["lint", str(bundle), "--target", "tensorrt"]):
         proc = subprocess.run([sys.executable, "-m", "setok.cli", *args], check=False, capture_output=True, text=True)
         assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-2000:])
-    pipe = Pipeline.open(bundle)
-    items = eval_items(3, seed=47)
-    questions = ["what is here", "how many objects are there", "what colour is the big one on the left"]
-    batched = pipe.answer_batch([it.image for it in items], questions, max_new_tokens=6)
-    assert [b.token_ids for b in batched] == [pipe.answer(it.image, q, max_new_tokens=6).token_ids
-                                             for it, q in zip(items, questions)]
+    assert_batched_answers_are_serial(bundle, seed=47)

@@ -57,15 +57,15 @@ def test_place_steps_keeps_the_head_loss_to_the_last_stage2_steps(tmp_path):
     assert len(stage2) == 7 and state["place_steps"] == 3
     assert ["place" in h for h in stage2] == [False] * 4 + [True] * 3
     assert all(h["lm"] > 0 for h in stage2)
-    # The last 3 run as their own phase at 0.3 of tiny's 2e-3; the cosine ends before them.
+    # The head learns at a constant --place-lr (1.0 x tiny's 2e-3); everything else stays on the cosine.
     from setok.train.trainer import PRESET_LR, lr_scale
 
-    lrs = [h["lr"] for h in stage2]
-    assert lrs[4:] == [0.3 * PRESET_LR["tiny"]] * 3 and state["place_lr"] == 0.3
-    assert lrs[:4] == [PRESET_LR["tiny"] * lr_scale(i, 4) for i in range(4)]
+    assert [h["lr"] for h in stage2] == [PRESET_LR["tiny"] * lr_scale(i, 7) for i in range(7)]
+    assert {h["lr_place"] for h in stage2} == {PRESET_LR["tiny"]} and state["place_lr"] == 1.0
+    assert all("lr_place" not in h for h in state["history"] if h["stage"] == 1)
 
 
-def test_place_lr_none_keeps_the_cosine_through_the_place_steps(tmp_path):
+def test_place_lr_none_keeps_the_head_on_the_cosine(tmp_path):
     from setok.train import TrainOptions, train
     from setok.train.trainer import PRESET_LR, lr_scale
 
@@ -73,5 +73,6 @@ def test_place_lr_none_keeps_the_cosine_through_the_place_steps(tmp_path):
     train(TrainOptions(preset="tiny", out=ck, steps=6, batch_size=4, place_head=True, place_steps=2, place_lr=None))
     state = json.loads((ck / "training_state.json").read_text())
     stage2 = [h for h in state["history"] if h["stage"] == 2]
-    assert [h["lr"] for h in stage2] == [PRESET_LR["tiny"] * lr_scale(i, len(stage2)) for i in range(len(stage2))]
+    cosine = [PRESET_LR["tiny"] * lr_scale(i, len(stage2)) for i in range(len(stage2))]
+    assert [h["lr"] for h in stage2] == cosine and [h["lr_place"] for h in stage2] == cosine
     assert ["place" in h for h in stage2][-2:] == [True, True]
