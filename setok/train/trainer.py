@@ -250,8 +250,8 @@ class Trainer:
             if step >= self.steps[stage - 1] or self._out_of_time(start):
                 self._next_stage()
                 continue
-            lr = self._lrs()
             losses = self.step_stage1(step) if stage == 1 else self.step_stage2(step)
+            lr = self._lrs()
             self.state["step"] += 1
             self.state["elapsed"] = time.monotonic() - start
             self.state.setdefault("history", []).append({"stage": stage, "step": step, **lr, **losses})
@@ -373,19 +373,17 @@ class Trainer:
         zero = next(iter(sums.values())) * 0.0  # a rank without a loss still joins the all-reduce
         return {n: sums.get(n, zero) * self.dist.world / total[n] for n in LOSS_NAMES if total[n]}
 
-    def _lr_scale(self, group: dict | None = None) -> float:
-        """The learning rate of `group` (None: the stage's) relative to the preset's at this step."""
+    def _lr_scale(self, group: dict) -> float:
+        """The learning rate of `group` relative to the preset's at this step."""
         stage, step, total = self.state["stage"], self.state["step"], self.steps[self.state["stage"] - 1]
-        phase = self.opts.place_lr
-        if stage == 2 and group is not None and group.get("place") and phase is not None:
-            return phase  # the head trains only in its last place_steps steps, at a constant rate
-        return lr_scale(step, total) * (1.0 if group is None else group.get("scale", 1.0))
+        if stage == 2 and group.get("place") and self.opts.place_lr is not None:
+            return self.opts.place_lr  # the head trains only in its last place_steps steps, at a constant rate
+        return lr_scale(step, total) * group.get("scale", 1.0)
 
     def _lrs(self) -> dict[str, float]:
-        """For the history: the stage's learning rate, and the place head's where it has its own."""
-        out = {"lr": self.lr * self._lr_scale()}
-        if any(g.get("place") for g in self.opt.param_groups):
-            out["lr_place"] = self.lr * self._lr_scale(next(g for g in self.opt.param_groups if g.get("place")))
+        """For the history: the rates the last step ran at (the first group's; the place head's own)."""
+        out = {"lr": self.opt.param_groups[0]["lr"]}
+        out.update(("lr_place", g["lr"]) for g in self.opt.param_groups if g.get("place"))
         return out
 
     def _apply(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
