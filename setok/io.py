@@ -21,8 +21,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets normal permissions
     try:
         yield tmp
@@ -31,6 +30,12 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return umask
 
 
 def _normal_permissions(root: Path, mode: int) -> None:
@@ -62,6 +67,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        if not os.path.islink(tmp):  # mkstemp makes 0600: a rewritten graph keeps normal permissions
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

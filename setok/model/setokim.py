@@ -196,9 +196,13 @@ class Setokim(nn.Module):
         d = cfg.merger.token_dim
         self.projector = Projector(d, hidden)
         self.regress = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d))
-        self.place = PlaceHead(hidden) if cfg.place_head else None
         self.seg_query = nn.Linear(hidden, hidden)
         self.seg_key = nn.Linear(hidden, hidden)
+        # Drawn on a forked RNG: every other weight, and whatever the trainer draws next, is then the
+        # same with or without the head, so a head run differs from a plain one by the head alone
+        # (built inline, its draws had moved stage 1 to another tau: 9.3 tokens per image, not 8.2).
+        with torch.random.fork_rng(devices=[]):
+            self.place = PlaceHead(hidden) if cfg.place_head else None
         self.ids = T.special_ids(tokenizer)
 
     @property

@@ -4,6 +4,7 @@ bundle running and passing `setok parity --precision fp16`."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -72,14 +73,17 @@ def test_it_answers_like_the_fp32_bundle(half_bundle, tiny_bundle):
     assert same >= 5, f"{same}/6 answers equal"
 
 
-def test_parity_passes_with_the_fp16_gates_and_not_the_fp32_ones(half_bundle, tiny_ckpt):
-    def parity(precision: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "setok.cli", "parity", str(tiny_ckpt), str(half_bundle), "--n", "3",
-                               "--precision", precision], capture_output=True, text=True, check=False)
-
-    half = parity("fp16")
+def test_parity_passes_with_the_fp16_gates_on_fp16_sized_errors(half_bundle, tiny_ckpt, tmp_path):
+    """The fp16 gates pass, on a comparison that really ran the half graphs: the encoder's error is
+    fp16-sized (~1e-3; an fp32 bundle's is ~1e-6). Whether the fp32 gates also fail is up to chance: a
+    16-step checkpoint's clustering and greedy tokens may or may not flip, and fp16 rounding alone
+    keeps cosine above 0.99999 (1 - cos ~ e^2 / 2 for e ~ 3e-4)."""
+    out = tmp_path / "parity.json"
+    half = subprocess.run([sys.executable, "-m", "setok.cli", "parity", str(tiny_ckpt), str(half_bundle), "--n", "3",
+                           "--precision", "fp16", "--json", str(out)], capture_output=True, text=True, check=False)
     assert half.returncode == 0 and "PASS" in half.stdout, half.stdout[-2000:] + half.stderr[-2000:]
-    assert parity("fp32").returncode == 1, "float16 weights cannot meet the fp32 gates"
+    result = json.loads(out.read_text())
+    assert result["stages"]["encoder"]["patch_features"]["max_abs"] > 1e-4, result["stages"]["encoder"]
 
 
 def test_tensorrt_builds_a_half_graph_as_such():

@@ -313,3 +313,21 @@ def test_the_place_head_sets_dims_0_1_from_the_chosen_cell():
     assert plain.place is None and "place" not in {n.split(".")[0] for n, _ in plain.named_parameters()}
     hid = torch.randn(3, plain.llm.config.hidden_size)
     assert torch.equal(TokenHead(plain)(hid), plain.regress(hid))
+
+
+def test_the_place_head_leaves_every_other_draw_as_it_was():
+    """A head run differs from a plain run by the head alone: the same seed gives the same weights
+    elsewhere and leaves the RNG where a plain build leaves it (the trainer draws its contrastive
+    head next; when it moved, stage 1 calibrated another tau)."""
+    tok = train_text_tokenizer(["a red circle", "a blue square"], 64)
+    built = {}
+    for head in (False, True):
+        cfg = preset("tiny")
+        cfg.place_head = head
+        torch.manual_seed(0)
+        built[head] = (Setokim(cfg, tok), torch.rand(4))
+    (plain, after_plain), (placed, after_placed) = built[False], built[True]
+    assert placed.place is not None and torch.equal(after_plain, after_placed)
+    theirs = dict(placed.named_parameters())
+    for name, p in plain.named_parameters():
+        assert torch.equal(p, theirs[name]), name

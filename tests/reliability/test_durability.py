@@ -74,3 +74,22 @@ def test_an_artifact_gets_normal_permissions_whatever_its_writers_chose(tmp_path
         os.umask(umask)
     for f in ("llm.onnx_data", "sub/a.json"):
         assert stat.S_IMODE((tmp_path / "bundle" / f).stat().st_mode) == 0o644, f
+
+
+def test_a_rewritten_file_gets_normal_permissions_too(tmp_path):
+    """atomic_file's temp file is mkstemp's (0600); the file it becomes is as readable as any the user
+    writes (a rewritten llm.onnx served by Triton under another user)."""
+    import os
+    import stat
+
+    from setok.io import atomic_file, write_json
+
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "manifest.json", {"a": 1})
+        with atomic_file(tmp_path / "llm.onnx") as tmp:
+            tmp.write_bytes(b"graph")
+    finally:
+        os.umask(umask)
+    for f in ("manifest.json", "llm.onnx"):
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o644, f
