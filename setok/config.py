@@ -70,6 +70,11 @@ class DetokenizerConfig:
     width: int = 128
     depth: int = 2
     heads: int = 4
+    # Each token's attention footprint gets a shape (a field over its patches' offsets from its
+    # centroid, read from the token) instead of the locality prior's disc alone. Off: every object
+    # was drawn as a round blob (recon_shape 0.28; docs/generation.md "The shape field"). False for
+    # checkpoints from before; the presets turn it on.
+    shape_field: bool = False
 
 
 @dataclass
@@ -154,10 +159,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "encoder": {"width": 32, "depth": 1, "heads": 2},
         "cluster": {"k": 8, "tau": 0.25, "min_tokens": 2, "max_tokens": 16},
         "merger": {"heads": 2, "token_dim": 32},
-        "detokenizer": {"width": 32, "depth": 1, "heads": 2},
+        "detokenizer": {"width": 32, "depth": 1, "heads": 2, "shape_field": True},
         "llm": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128},
     },
-    "small": {},
+    "small": {"detokenizer": {"shape_field": True}},
 }
 TOKENIZERS = ("setok", "patch", "topk")
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from setok.config import DetokenizerConfig, EncoderConfig
 from setok.model.layers import Block, init_weights, sincos_2d, unpatchify
-from setok.model.merger import patch_coords, token_mask
+from setok.model.merger import OFFSET_FEATURES, offset_code, patch_coords, token_mask
 
 
 class Detokenizer(nn.Module):
@@ -38,6 +38,14 @@ class Detokenizer(nn.Module):
         self.head = nn.Linear(cfg.width, enc.patch_size * enc.patch_size * 3)
         init_weights(self)
         nn.init.zeros_(self.reach.weight)  # starts as the shared per-head locality
+        self.field = None
+        if cfg.shape_field:
+            # Zero-initialised (it starts as the disc) and drawn on a forked RNG: every other
+            # weight is the same with or without it.
+            with torch.random.fork_rng(devices=[]):
+                self.field = nn.Linear(token_dim, cfg.heads * OFFSET_FEATURES)
+            nn.init.zeros_(self.field.weight)
+            nn.init.zeros_(self.field.bias)
 
     def forward(self, tokens: Tensor, num_tokens: Tensor) -> Tensor:
         """(B, T, D), (B,) -> image (B, 3, H, W) in the encoder's normalised pixel space."""
@@ -54,6 +62,17 @@ class Detokenizer(nn.Module):
         d2 = ((self.coords.unsqueeze(1) - where.unsqueeze(1)) ** 2).sum(-1)  # (1,N,1,2)-(B,1,T,2) -> (B, N, T)
         scale = self.locality.view(1, -1, 1) * torch.exp(self.reach(tokens)).transpose(1, 2)  # (B, heads, T)
         bias = -d2.unsqueeze(1) * scale.unsqueeze(2)  # (B, heads, N, T)
+        if self.field is not None:
+            bias = bias + self.shape_bias(tokens)
         pad = ~token_mask(num_tokens, tokens.shape[1])  # (B, T)
         # A finite large negative, not -inf: exports cleanly and never makes a NaN row.
         return bias.masked_fill(pad[:, None, None, :], -1e4)
+
+    def shape_bias(self, tokens: Tensor) -> Tensor:
+        """(B, T, D) -> (B, heads, N, T): each token's field, linear in the merger's Fourier code of a
+        patch's offset from the token's centroid (the same code the merger's shape signature is
+        built from), with weights read from the token. MatMuls, not Einsum, for TensorRT."""
+        b, t, _ = tokens.shape
+        off = offset_code(self.coords.unsqueeze(0) - tokens[..., None, :2])  # (1,N,2)-(B,T,1,2) -> (B, T, N, 40)
+        weights = self.field(tokens).view(b, t, self.heads, OFFSET_FEATURES)  # (B, T, heads, 40)
+        return (off @ weights.transpose(2, 3)).permute(0, 3, 2, 1)  # (B,T,N,40)@(B,T,40,heads) -> (B, heads, N, T)

@@ -27,6 +27,9 @@ def patch_coords(grid: int) -> Tensor:
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
 
 
+OFFSET_FEATURES = 40  # offset_code's width
+
+
 def offset_code(offset: Tensor) -> Tensor:
     """(B, N, 2) offsets in image units -> (B, N, 40) sin/cos at 5 frequencies along 4 directions
     (x, y and both diagonals: a diamond differs from a square only along the diagonals)."""
@@ -55,7 +58,7 @@ class Merger(nn.Module):
         self.inter = nn.ModuleList(Block(width, cfg.heads) for _ in range(cfg.inter_depth))
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, cfg.token_dim - 2)
-        self.shape = nn.Linear(40, width) if cfg.shape_code else None
+        self.shape = nn.Linear(OFFSET_FEATURES, width) if cfg.shape_code else None
         init_weights(self)
 
     def forward(self, patch_features: Tensor, assignment: Tensor, num_tokens: Tensor) -> Tensor:

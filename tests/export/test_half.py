@@ -126,3 +126,16 @@ def test_streamed_half_equals_the_converters_own(tiny_bundle, tmp_path):
     for name, w in wa.items():
         assert wb[name].dtype == w.dtype and np.array_equal(wb[name], w), name
     assert sorted(p.name for p in external.parent.iterdir()) == ["llm.onnx", "llm.onnx.data"]
+
+
+def test_newest_token_logits_compose_with_fp16(tiny_ckpt, tmp_path):
+    """`--dtype fp16 --llm-logits newest`: the LM head for the newest token only, in half weights; the
+    manifest says both and the bundle passes the fp16 gates end to end."""
+    from setok.export.onnx import export_bundle
+
+    bundle = export_bundle(tiny_ckpt, tmp_path / "b", dtype="fp16", logits="newest")
+    llm = M.load_manifest(bundle).stage("llm")
+    assert llm.precision == "fp16" and llm.extra["logits"] == "newest"
+    run = subprocess.run([sys.executable, "-m", "setok.cli", "parity", str(tiny_ckpt), str(bundle), "--n", "3",
+                          "--precision", "fp16"], capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and "PASS" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]

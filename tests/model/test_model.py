@@ -273,6 +273,52 @@ def test_detokenizer_reach_is_per_token_and_starts_shared():
     assert (bias[..., 0] <= 0).all()  # still a locality prior: never a pull towards far patches
 
 
+def _footprint_iou(shape_field: bool, mask: torch.Tensor) -> float:
+    """Fit one token's attention footprint (head 0's logit against a learned threshold) to `mask`
+    over the 16 x 16 patches; the IoU of the footprint the fit reaches."""
+    from setok.config import DetokenizerConfig, EncoderConfig
+    from setok.model.detokenizer import Detokenizer
+
+    torch.manual_seed(0)
+    det = Detokenizer(DetokenizerConfig(width=16, depth=1, heads=2, shape_field=shape_field), EncoderConfig(), token_dim=8)
+    token = torch.zeros(1, 1, 8)
+    token[0, 0, :2] = 0.5  # the centroid
+    token[0, 0, 2] = 1.0  # content the reach and the field read
+    shift = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([*det.parameters(), shift], lr=0.05)
+    for _ in range(300):
+        logit = det.cross_bias(token, torch.tensor([1]))[0, 0, :, 0] + shift  # (N,)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    inside = (det.cross_bias(token, torch.tensor([1]))[0, 0, :, 0] + shift > 0).float()
+    return float((inside * mask).sum() / ((inside + mask) > 0).sum())
+
+
+def test_the_shape_field_gives_a_token_a_footprint_that_is_not_a_disc():
+    """Without the field a token's footprint falls off with distance alone, so every object is drawn
+    round; with it a token can claim a triangle. Zero-initialised, it starts as the disc."""
+    from setok.config import DetokenizerConfig, EncoderConfig
+    from setok.model.detokenizer import Detokenizer
+    from setok.model.merger import patch_coords
+
+    xy = patch_coords(16)  # (N, 2)
+    x, y = xy[:, 0], xy[:, 1]
+    triangle = ((y < 0.8) & (y > 0.2 + 2 * (x - 0.5).abs())).float()  # apex up, base at y = 0.8
+    disc, field = _footprint_iou(False, triangle), _footprint_iou(True, triangle)
+    assert field > 0.9 and field > disc + 0.1, (disc, field)
+
+    tokens, counts = torch.rand(2, 4, 8), torch.tensor([4, 2])
+    built = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        built[on] = Detokenizer(DetokenizerConfig(width=16, depth=1, heads=2, shape_field=on), EncoderConfig(), token_dim=8)
+    theirs = dict(built[True].named_parameters())
+    assert all(torch.equal(p, theirs[n]) for n, p in built[False].named_parameters())
+    assert torch.equal(built[False](tokens, counts), built[True](tokens, counts))
+
+
 def test_the_shipped_checkpoint_is_what_the_demo_runs_and_it_loads(tmp_path):
     """The package ships `small`: `setok demo` must find it (not fall back to training tiny) and
     this version must load it."""
