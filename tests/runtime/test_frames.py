@@ -85,25 +85,33 @@ def test_the_mapping_is_recorded_and_matches_the_crop():
 
 def test_letterbox_keeps_the_whole_frame(shipped_bundle):
     """A scene at the left of a 3:2 frame: the centre crop cuts its left third off, the letterbox
-    pads instead and sees all of it (the objects come out smaller)."""
+    pads instead and sees all of it. Judged on the referred objects the crop cuts (over a fifth of
+    the object in the unseen strip): the objects elsewhere come out smaller in the letterbox and
+    segment somewhat worse there (0.65 against 0.77 on the shipped checkpoint), so a mean over all
+    scenes says more about the mix of scenes than about the letterbox."""
     crop, box = Pipeline.open(shipped_bundle, threads=1), Pipeline.open(shipped_bundle, threads=1, letterbox=True)
     fm = FrameMap.letterbox(192, 128, 64)
     assert fm.mode == "letterbox" and fm.visible_box == (0, 0, 192, 128)
     assert fm.crop_box[0] == 0 and fm.crop_box[1] < 0 and fm.crop_box[3] > 128  # padding above and below
-    got_crop, got_box = [], []
-    for it in eval_items(20, seed=13):
+    cut_crop, cut_box, other_box = [], [], []
+    for it in eval_items(60, seed=13):
         expression, mask = it.referring[0]
         frame = np.zeros((128, 192, 3), np.uint8)
         frame[:, :128] = it.image.repeat(2, 0).repeat(2, 1)
         gt = np.zeros((128, 192), bool)
         gt[:, :128] = mask.repeat(2, 0).repeat(2, 1)
-        a, b = crop.segment(frame, expression), box.segment(frame, expression)
+        b = box.segment(frame, expression)
         assert b.frame.mode == "letterbox" and b.mask.shape == (128, 192)
-        got_crop.append(iou(a.mask, gt))
-        got_box.append(iou(b.mask, gt))
+        if gt[:, :32].sum() > 0.2 * gt.sum():  # the crop's unseen strip holds over a fifth of it
+            cut_box.append(iou(b.mask, gt))
+            cut_crop.append(iou(crop.segment(frame, expression).mask, gt))
+        else:
+            other_box.append(iou(b.mask, gt))
     vt_crop, vt_box = crop.tokenize(frame), box.tokenize(frame)
     assert (vt_box.owners >= 0).all() and (vt_crop.owners[:, :32] == -1).all()  # crop: the left 32 columns unseen
-    assert np.mean(got_box) > np.mean(got_crop) + 0.05, (np.mean(got_box), np.mean(got_crop))
+    assert len(cut_box) >= 5, f"only {len(cut_box)} referred objects in the cut strip"
+    assert np.mean(cut_box) > np.mean(cut_crop) + 0.3, (np.mean(cut_box), np.mean(cut_crop))
+    assert np.mean(other_box) > 0.5, np.mean(other_box)  # smaller, still found
     crop.close()
     box.close()
 
