@@ -116,6 +116,8 @@ def main() -> None:
     model = Setokim.from_pretrained(args.checkpoint).eval()
     model.requires_grad_(False)
     base = model.vision.detokenizer
+    if args.variant == "field" and base.field is not None:
+        raise SystemExit(f"{args.checkpoint} already has a shape field; --variant plain fine-tunes it as it is")
     detok = FieldDetokenizer(base, model.cfg) if args.variant == "field" else base
     detok.requires_grad_(True)
     start = time.monotonic()
