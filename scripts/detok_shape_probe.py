@@ -17,13 +17,13 @@ recon_all on held-out scenes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from setok.data.items import eval_items, item_stream
@@ -32,29 +32,19 @@ from setok.eval.judge import judge_rows
 from setok.eval.metrics import psnr
 from setok.model.detokenizer import Detokenizer
 from setok.model.encoder import preprocess
-from setok.model.merger import offset_code
 from setok.model.setokim import Setokim
 
 log = logging.getLogger("detok_shape_probe")
 FIRST_STEP = 100_000  # training scenes past the 2,000 steps a checkpoint was trained on
 
 
-class FieldDetokenizer(Detokenizer):
-    """The shipped detokenizer plus a per-token shape field in the cross-attention logits."""
-
-    def __init__(self, base: Detokenizer, cfg):
-        super().__init__(cfg.detokenizer, cfg.encoder, cfg.merger.token_dim)
-        self.load_state_dict(base.state_dict())
-        self.field = nn.Linear(cfg.merger.token_dim, cfg.detokenizer.heads * 40)
-        nn.init.zeros_(self.field.weight)
-        nn.init.zeros_(self.field.bias)
-
-    def cross_bias(self, tokens: Tensor, num_tokens: Tensor) -> Tensor:
-        bias = super().cross_bias(tokens, num_tokens)  # (B, heads, N, T)
-        b, t, _ = tokens.shape
-        off = offset_code(self.coords.unsqueeze(1) - tokens[..., :2].unsqueeze(1))  # (1,N,1,2)-(B,1,T,2) -> (B, N, T, 40)
-        weights = self.field(tokens).view(b, t, self.heads, 40)  # (B, T, heads, 40)
-        return bias + torch.einsum("bntf,bthf->bhnt", off, weights)  # (B, heads, N, T)
+def with_field(base: Detokenizer, cfg) -> Detokenizer:
+    """The checkpoint's detokenizer plus the model's own shape field (zero-initialised: step 0 draws
+    what the checkpoint draws)."""
+    detok = Detokenizer(dataclasses.replace(cfg.detokenizer, shape_field=True), cfg.encoder, cfg.merger.token_dim)
+    missing, unexpected = detok.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("field.") for k in missing), (missing, unexpected)
+    return detok
 
 
 def tokens_of(model: Setokim, images: np.ndarray):
@@ -118,7 +108,7 @@ def main() -> None:
     base = model.vision.detokenizer
     if args.variant == "field" and base.field is not None:
         raise SystemExit(f"{args.checkpoint} already has a shape field; --variant plain fine-tunes it as it is")
-    detok = FieldDetokenizer(base, model.cfg) if args.variant == "field" else base
+    detok = with_field(base, model.cfg) if args.variant == "field" else base
     detok.requires_grad_(True)
     start = time.monotonic()
     result = {"variant": args.variant, "steps": args.steps, "lr": args.lr, "before": evaluate(model, base, args.n, args.seed)}

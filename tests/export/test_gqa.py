@@ -278,7 +278,6 @@ def test_cli_export_gqa_runs_batched_and_is_refused_by_tensorrt(tiny_ckpt, tmp_p
     import subprocess
     import sys
 
-
     def setok(*args):
         return subprocess.run([sys.executable, "-m", "setok.cli", *map(str, args)], check=False, capture_output=True, text=True)
 
@@ -328,7 +327,6 @@ def test_cli_export_newest_logits_on_the_eager_form(tiny_ckpt, tiny_newest_bundl
     and the batched runtime answers equal the one-at-a-time ones."""
     import subprocess
     import sys
-
 
     bundle = tiny_newest_bundle
     entry = M.load_manifest(bundle).stage("llm")
