@@ -27,20 +27,30 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from setok import manifest as M
 from setok.backends.decode import teacher_forced_logits
 from setok.calibration import feeds as D
 from setok.calibration import ranges as R
 from setok.calibration import weights as W
+from setok.calibration.agreement import (
+    OP_TYPES,
+    agreement,
+    collect,
+    output_agreement,
+    outputs,
+    passes,
+    quantized_nodes,
+    quantized_ops,
+    rank_nodes,
+    session,
+)
 from setok.errors import InputError
 from setok.io import atomic_dir
 from setok.optional import require
 
 log = logging.getLogger(__name__)
 
-OP_TYPES = ["MatMul", "Gemm", "Conv"]
 QUANTIZERS = ("onnxruntime", "modelopt", "dynamic")
 MODELOPT_MISSING = ("nvidia-modelopt[onnx] is needed for --quantizer modelopt: pip install 'nvidia-modelopt[onnx]' "
                     "(in its own environment: it pins older onnx/onnxruntime-gpu)")
@@ -139,7 +149,7 @@ def calibrate_bundle(bundle: Path, out: Path, data: str = "synthetic", n: int = 
             int8_path = tmp / f"{name}.int8.onnx"
             stage_quantizer = quantizer
             if target == "tensorrt":
-                if not _passes(rep["cosine"], rep["norm_ratio"], gate):
+                if not passes(rep["cosine"], rep["norm_ratio"], gate):
                     rep["kept_float"] = (f"accuracy gate: cosine {rep['cosine']:.5f}, norm ratio {rep['norm_ratio']:.4f} "
                                          f"(needs >= {gate[0]}, within {gate[1]} of 1)")
             else:
@@ -185,7 +195,7 @@ def _cpu_candidate(name: str, src: Path, tmp: Path, work: Path, held: list[dict]
     dyn, _ = _stage_dynamic(name, model, tmp, held, None)  # writes `path`
     _, dyn_ms = time_stage(src, path, held)
     rep["candidates"] = {"qdq_ms": rep["int8_ms"], "dynamic_ms": dyn_ms, "dynamic_cosine": dyn["cosine"]}
-    if dyn_ms < rep["int8_ms"] and _passes(dyn["cosine"], dyn["norm_ratio"], GATE):
+    if dyn_ms < rep["int8_ms"] and passes(dyn["cosine"], dyn["norm_ratio"], GATE):
         static.unlink()
         rep.update({k: dyn[k] for k in ("quantized_ops", "cosine", "norm_ratio", "activation_ranges")}, int8_ms=dyn_ms)
         log.info("%s: dynamic INT8 %.3f ms beats the Q/DQ graph", name, dyn_ms)
@@ -244,13 +254,13 @@ def compare_decoder(fp32: Path, quant: Path, held: list[dict], kv: M.KvCache, ti
     `timed`: the median ms of one decode step (one token on a non-empty past) of each."""
     import time
 
-    a, b = _session(fp32), _session(quant)
+    a, b = session(fp32), session(quant)
     names = [o.name for o in a.get_outputs() if o.type == "tensor(float)"]
-    ref, got = _collect(a, names, held), _collect(b, names, held)
+    ref, got = collect(a, names, held), collect(b, names, held)
     for sess, outs in ((a, ref), (b, got)):  # every position's logits, also from a newest-logits graph
-        run = functools.partial(_outputs, sess)
+        run = functools.partial(outputs, sess)
         outs[M.LOGITS] = [teacher_forced_logits(run, f, {M.LOGITS: x}) for f, x in zip(held, outs[M.LOGITS])]
-    pairs = {n: _agreement(ref[n], got[n]) for n in names}
+    pairs = {n: agreement(ref[n], got[n]) for n in names}
     same = [np.mean(x.argmax(-1) == y.argmax(-1)) for x, y in zip(ref[M.LOGITS], got[M.LOGITS])]
     rep = {"cosine": min(c for c, _ in pairs.values()), "norm_ratio": max((r for _, r in pairs.values()), key=lambda r: abs(r - 1)),
            "logits_cosine": pairs[M.LOGITS][0], "next_token_agreement": float(np.mean(same)),
@@ -273,7 +283,7 @@ def time_stage(fp32: Path, int8: Path, feeds: list[dict], repeats: int = 9) -> t
     """Median ms per feed of the fp32 and int8 graphs, runs interleaved so load hits both alike."""
     import time
 
-    a, b = _session(fp32), _session(int8)
+    a, b = session(fp32), session(int8)
     feeds = feeds[:8]
     for sess in (a, b):  # warm-up: the first runs allocate arenas and pick kernels
         for feed in feeds:
@@ -372,7 +382,7 @@ def prepare(src: Path, dst: Path, feeds: list[dict], kv: M.KvCache | None = None
     domains = {n.domain for n in onnx.load(str(dst)).graph.node} - {"", "ai.onnx"}
     if domains:
         return Path(src), f"quant_pre_process introduced non-standard ops {sorted(domains)}"
-    a, b = _session(src), _session(dst)
+    a, b = session(src), session(dst)
     for feed in _check_feeds(a, feeds[:2], kv):
         for x, y in zip(a.run(None, feed), b.run(None, feed)):
             if x.shape != y.shape or not np.allclose(x, y, rtol=1e-4, atol=1e-5):
@@ -420,52 +430,6 @@ def _quantize_modelopt(model: Path, dst: Path, feeds: list[dict], method: str, e
     return dst
 
 
-def _session(path: Path, outputs: list[str] | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if outputs:  # expose intermediate tensors as graph outputs (for per-node errors)
-        m = onnx.load(str(path))
-        have = {o.name for o in m.graph.output}
-        m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in outputs if t not in have)
-        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _agreement(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]:
-    """(cosine, norm ratio) of two runs of one tensor, over all feeds at once."""
-    a = np.concatenate([x.ravel() for x in ref]).astype(np.float64)
-    b = np.concatenate([x.ravel() for x in got]).astype(np.float64)
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 or nb == 0:
-        return (1.0, 1.0) if na == nb else (0.0, float(nb / na) if na else float("inf"))
-    return float(a @ b / (na * nb)), float(nb / na)
-
-
-def _outputs(sess, feed: dict) -> dict[str, np.ndarray]:
-    return dict(zip((o.name for o in sess.get_outputs()), sess.run(None, feed)))
-
-
-def _collect(sess, names: list[str], feeds: list[dict]) -> dict[str, list[np.ndarray]]:
-    got: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed in feeds:
-        for n, v in zip(names, sess.run(names, feed)):
-            got[n].append(v)
-    return got
-
-
-def output_agreement(fp32: Path, int8: Path, feeds: list[dict]) -> tuple[float, float]:
-    """Worst (cosine, norm ratio) over the float graph outputs; the ratio reported is the worst |r-1|."""
-    a, b = _session(fp32), _session(int8)
-    names = [o.name for o in a.get_outputs() if o.type == "tensor(float)"]
-    ref, got = _collect(a, names, feeds), _collect(b, names, feeds)
-    pairs = [_agreement(ref[n], got[n]) for n in names]
-    return min(c for c, _ in pairs), max((r for _, r in pairs), key=lambda r: abs(r - 1))
-
-
-def _passes(cos: float, ratio: float, gate: tuple[float, float]) -> bool:
-    return cos >= gate[0] and abs(ratio - 1) <= gate[1]
-
-
 def exclude_sensitive(model: Path, dst: Path, cache: Path, method: str, quantizer: str, feeds: list[dict],
                       gate: tuple[float, float]) -> list[dict]:
     """Exclude the quantized nodes whose own output drifts most, one at a time, until the gate holds.
@@ -473,44 +437,16 @@ def exclude_sensitive(model: Path, dst: Path, cache: Path, method: str, quantize
     Cheaper than per-node re-quantization: one fp32 and one int8 run with every quantized node's
     output exposed ranks the nodes; each step re-quantizes once. Capped at 25% of the nodes.
     """
-    nodes = _quantized_nodes(dst)
-    ranked = _rank_nodes(model, dst, list(nodes), feeds)
+    nodes = quantized_nodes(dst)
+    ranked = rank_nodes(model, dst, list(nodes), feeds)
     cap = max(1, int(len(nodes) * MAX_EXCLUDE_FRAC))
     excluded: list[dict] = []
-    while ranked and len(excluded) < cap and not _passes(*output_agreement(model, dst, feeds), gate):
+    while ranked and len(excluded) < cap and not passes(*output_agreement(model, dst, feeds), gate):
         node, cos = ranked.pop(0)
         excluded.append({"node": node, "cosine": cos})
         quantize_model(model, dst, cache, method, quantizer, feeds, [e["node"] for e in excluded])
         log.info("auto-exclude: %s (its output cosine %.5f)", node, cos)
     return excluded
-
-
-def _quantized_nodes(path: Path) -> dict[str, str]:
-    """node name -> its output tensor, for MatMul/Gemm/Conv nodes fed by a DequantizeLinear."""
-    g = onnx.load(str(path)).graph
-    dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return {n.name: n.output[0] for n in g.node if n.op_type in OP_TYPES and any(i in dq_out for i in n.input)}
-
-
-def _node_outputs(path: Path, names: list[str]) -> dict[str, str]:
-    # By node name: the quantizer keeps names but renames a quantized output (X -> X_QuantizeLinear_Input).
-    return {n.name: n.output[0] for n in onnx.load(str(path)).graph.node if n.name in names}
-
-
-def _rank_nodes(fp32: Path, int8: Path, names: list[str], feeds: list[dict]) -> list[tuple[str, float]]:
-    """Quantized nodes, worst output cosine (int8 graph vs fp32 graph) first."""
-    a, b = _node_outputs(fp32, names), _node_outputs(int8, names)
-    names = [n for n in names if n in a and n in b]
-    ref = _collect(_session(fp32, [a[n] for n in names]), [a[n] for n in names], feeds)
-    got = _collect(_session(int8, [b[n] for n in names]), [b[n] for n in names], feeds)
-    scores = [(n, _agreement(ref[a[n]], got[b[n]])[0]) for n in names]
-    return sorted(scores, key=lambda s: s[1])
-
-
-def quantized_ops(path: Path) -> dict[str, int]:
-    g = onnx.load(str(path)).graph
-    dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return dict(Counter(n.op_type for n in g.node if n.op_type in OP_TYPES and any(i in dq_out for i in n.input)))
 
 
 def _update_entry(entry: M.StageEntry, path: Path, rep: dict, method: str, quantizer: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from setok.errors import InputError
-from setok.runtime.pipeline import timed
+from setok.runtime.timing import timed
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from setok.backends.base import Backend
 from setok.backends.decode import Decoder, prefill_feeds
 from setok.backends.onnxrt.session import OrtBackend
 from setok.errors import BundleError, InputError
+from setok.runtime.aio import AsyncMethods
 from setok.runtime.frame import (
     MODES,
     FrameSource,
@@ -36,9 +36,10 @@ from setok.runtime.guided import (
 )
 from setok.runtime.masks import pixel_owners, token_masks
 from setok.runtime.prefix_cache import PrefixCache
-from setok.runtime.preprocess import Prepared, normalize, prepare
+from setok.runtime.preprocess import Prepared, normalize, prepare, to_uint8, to_unit_rgb
 from setok.runtime.results import Image, ImageInput, Mask, Text, Tokens
 from setok.runtime.sampling import SamplingParams, cut_at_stop, held_back, pick, resolve
+from setok.runtime.timing import timed
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Pipeline:
+class Pipeline(AsyncMethods):
     def __init__(self, bundle: Path, manifest: M.Manifest, backend: str, providers: list | None, threads: int | None,
                  engines: Path | None = None, spin: bool = True, max_context: int | None = None,
                  letterbox: bool | None = None, prefix_cache: int = 16):
@@ -352,48 +353,6 @@ class Pipeline:
         if len(full) > sent:
             yield full[sent:]
 
-    # ---- asyncio -----------------------------------------------------------------------------
-    async def answer_async(self, image: ImageInput, question: str, **kwargs: Any) -> Text:
-        """`answer` on a worker thread (the pipeline is thread-safe): an event loop stays responsive."""
-        import asyncio
-
-        return await asyncio.to_thread(self.answer, image, question, **kwargs)
-
-    async def caption_async(self, image: ImageInput, **kwargs: Any) -> Text:
-        import asyncio
-
-        return await asyncio.to_thread(self.caption, image, **kwargs)
-
-    async def answer_batch_async(self, images: Sequence[ImageInput], questions: Sequence[str],
-                                 **kwargs: Any) -> list[Text]:
-        import asyncio
-
-        return await asyncio.to_thread(self.answer_batch, images, questions, **kwargs)
-
-    async def astream(self, image: ImageInput, question: str | None = None, max_new_tokens: int | None = None,
-                      **kwargs: Any) -> AsyncIterator[str]:
-        """Async iterator of text pieces as they are decoded (the decode loop runs on a thread)."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        def produce() -> None:
-            try:
-                for piece in self.stream(image, question, max_new_tokens, **kwargs):
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, e)
-            loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        worker = loop.run_in_executor(None, produce)
-        while (item := await queue.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        await worker
-
     def segment(self, image: ImageInput, expression: str) -> Mask:
         """The pixels the expression refers to: `mask` in frame pixels, `mask_crop` in the encoder's."""
         expression = _check_text(expression, "expression")
@@ -548,28 +507,7 @@ def _check_text(text: Any, what: str) -> str:
     return text.strip()
 
 
-def to_unit_rgb(chw: np.ndarray, pre: dict) -> np.ndarray:
-    """Normalised (3, H, W) -> (H, W, 3) RGB in [0, 1] (what token masks compare colours in)."""
-    x = chw * np.asarray(pre["std"], np.float32)[:, None, None] + np.asarray(pre["mean"], np.float32)[:, None, None]
-    return x.transpose(1, 2, 0)
-
-
-def to_uint8(chw: np.ndarray, pre: dict) -> np.ndarray:
-    """Normalised (3, H, W) -> (H, W, 3) uint8."""
-    return (np.clip(to_unit_rgb(chw, pre), 0, 1) * 255).round().astype(np.uint8)
-
-
 def _load_tokenizer(path: Path):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(path))
-
-
-@contextmanager
-def timed(t: dict[str, float], key: str):
-    """Add the block's wall time (seconds) to t[key]."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        t[key] = t.get(key, 0.0) + time.perf_counter() - start

@@ -177,3 +177,14 @@ def fit_frame(im, size: int, mode: str = "crop", fill: tuple[int, int, int] = (0
     square = _resize_crop(rgb_im, size) if mode == "crop" else _letterbox(rgb_im, size, fill)
     return Prepared(np.asarray(square, dtype=np.uint8), FrameMap.of(mode, rgb_im.width, rgb_im.height, size),
                     np.asarray(rgb_im, dtype=np.uint8))
+
+
+def to_unit_rgb(chw: np.ndarray, pre: dict) -> np.ndarray:
+    """Normalised (3, H, W) -> (H, W, 3) RGB in [0, 1] (what token masks compare colours in)."""
+    x = chw * np.asarray(pre["std"], np.float32)[:, None, None] + np.asarray(pre["mean"], np.float32)[:, None, None]
+    return x.transpose(1, 2, 0)
+
+
+def to_uint8(chw: np.ndarray, pre: dict) -> np.ndarray:
+    """Normalised (3, H, W) -> (H, W, 3) uint8."""
+    return (np.clip(to_unit_rgb(chw, pre), 0, 1) * 255).round().astype(np.uint8)

@@ -17,8 +17,9 @@ import numpy as np
 
 from setok import manifest as M
 from setok.errors import InputError
-from setok.runtime.pipeline import Pipeline, Tokens, timed
+from setok.runtime.pipeline import Pipeline, Tokens
 from setok.runtime.sampling import SamplingParams, cut_at_stop, held_back, pick
+from setok.runtime.timing import timed
 
 MAX_NEW_TOKENS = 4096  # the runtime's own limit
 

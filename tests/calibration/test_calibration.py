@@ -145,7 +145,8 @@ def test_auto_exclude_records_nodes(tiny_bundle, tmp_path):
 
 
 def test_gate_logic():
-    from setok.calibration.quantize import _agreement, _passes
+    from setok.calibration.agreement import agreement as _agreement
+    from setok.calibration.agreement import passes as _passes
 
     x = [np.arange(1, 11, dtype=np.float32)]
     assert _agreement(x, x) == pytest.approx((1.0, 1.0))

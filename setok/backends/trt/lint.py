@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -27,6 +26,8 @@ import onnx
 from onnx import TensorProto, numpy_helper, shape_inference
 from onnx.external_data_helper import uses_external_data
 
+from setok.backends.findings import Finding
+from setok.backends.onnxrt.lint import lint_ort_cpu
 from setok.errors import InputError
 from setok.manifest import CLUSTER_OP, inside, load_manifest
 
@@ -53,19 +54,6 @@ TRT_TYPES = {  # TensorRT's names for ONNX element types; TensorRT has no type f
 }
 if hasattr(TensorProto, "FLOAT4E2M1"):
     TRT_TYPES[TensorProto.FLOAT4E2M1] = "FP4"
-
-
-@dataclass
-class Finding:
-    stage: str
-    node: str
-    op: str
-    severity: str  # "error" | "warning"
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.node} ({self.op})" if self.op else (self.node or "graph")
-        return f"{self.severity}: {self.stage}: {where}: {self.message}"
 
 
 def load_table(path: Path | None = None) -> dict:
@@ -471,43 +459,6 @@ def lint_bundle(bundle: Path, target: str = "tensorrt", trt_version: str = "10.8
         log.info("lint %s: %d findings, %d errors", st.name, len(stage_findings),
                  sum(f.severity == "error" for f in stage_findings))
         findings += stage_findings
-    return findings
-
-
-def ort_cpu_kernels() -> set[tuple[str, str]]:
-    """(domain, op) pairs the installed ONNX Runtime has a CPU kernel for."""
-    from onnxruntime.capi import _pybind_state as C
-
-    return {(k.domain, k.op_name) for k in C.get_all_opkernel_def() if k.provider == "CPUExecutionProvider"}
-
-
-def lint_ort_cpu(model: onnx.ModelProto, stage: str, quantized_for: str | None = None) -> list[Finding]:
-    """ONNX Runtime CPU: every op has a CPU kernel (or is an ONNX function / Constant, which ORT
-    expands); a custom op needs its library; a TensorRT weight-only form is noted (it runs, fused)."""
-    kernels = ort_cpu_kernels()
-    findings, seen = [], set()
-    for node in model.graph.node:
-        domain = "" if node.domain == "ai.onnx" else node.domain
-        key = (domain, node.op_type)
-        if key in seen or key in kernels or node.op_type == "Constant":
-            continue
-        seen.add(key)
-        if domain == "" and onnx.defs.has(node.op_type) and onnx.defs.get_schema(node.op_type).has_function:
-            continue
-        name = f"{domain}::{node.op_type}" if domain else node.op_type
-        if domain in ("", "com.microsoft"):
-            findings.append(Finding(stage, node.name, node.op_type, "error", f"{name} has no ONNX Runtime CPU kernel"))
-        else:
-            findings.append(Finding(stage, node.name, node.op_type, "warning", f"custom op {name}: ONNX Runtime needs its "
-                                    "custom-op library (the runtime registers the bundle's own)"))
-    int4 = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i for a in n.attribute)]
-    if int4:
-        findings.append(Finding(stage, int4[0].name, "DequantizeLinear", "warning", f"{len(int4)} blocked DequantizeLinear -> "
-                                "MatMul (the TensorRT weight-only form): ONNX Runtime CPU fuses them into MatMulNBits; "
-                                "`setok calibrate --target onnxruntime-cpu` writes MatMulNBits directly"))
-    if quantized_for not in (None, "onnxruntime-cpu"):
-        findings.append(Finding(stage, "", "", "warning", f"quantized for {quantized_for}, not ONNX Runtime CPU: its "
-                                "stages kept Q/DQ without the CPU speed gate"))
     return findings
 
 
