@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,22 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
 
 
 def _umask() -> int:
-    umask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(umask)
-    return umask
+    """The process umask, read without changing it: os.umask can only read by setting, and a
+    moment of umask 0 lets another thread create a world-writable file."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as f:  # Linux >= 4.7
+        return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    return _umask_probe()
+
+
+def _umask_probe() -> int:
+    """The umask from the mode a new file gets (where /proc has no Umask line)."""
+    probe = Path(tempfile.gettempdir()) / f".setok-umask-{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o777)  # created with 0o777 & ~umask
+    try:
+        return 0o777 & ~os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 def _normal_permissions(root: Path, mode: int) -> None:

@@ -93,3 +93,39 @@ def test_a_rewritten_file_gets_normal_permissions_too(tmp_path):
         os.umask(umask)
     for f in ("manifest.json", "llm.onnx"):
         assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o644, f
+
+
+def test_the_umask_is_read_without_being_changed():
+    """Reading the umask never sets it (os.umask(0) for a moment would let another thread create a
+    world-writable file); both ways of reading it agree with what the process set. The GIL switches
+    threads every 1 us here, so a read that sets the umask is caught (the os.umask(0)-and-back read
+    was seen by the watcher 1-18 times in 20,000 reads in each of five runs)."""
+    import sys
+    import threading
+
+    from setok.io import _umask, _umask_probe
+
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # what a concurrent thread would create files with
+        while not stop.is_set():
+            m = os.umask(0o027)
+            seen.append(m)
+            if m != 0o027:
+                os.umask(m)
+
+    old, interval = os.umask(0o027), sys.getswitchinterval()
+    try:
+        assert _umask() == _umask_probe() == 0o027
+        sys.setswitchinterval(1e-6)
+        t = threading.Thread(target=watch)
+        t.start()
+        for _ in range(50_000):
+            _umask()
+        stop.set()
+        t.join()
+        assert set(seen) == {0o027}, f"the umask was changed while being read: {sorted(set(seen))}"
+    finally:
+        sys.setswitchinterval(interval)
+        os.umask(old)
