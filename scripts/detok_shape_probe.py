@@ -9,9 +9,11 @@ Fourier offset code, 40 features: x, y and both diagonals at 5 frequencies), wit
 the token (zero-initialised, so step 0 is the shipped detokenizer). Everything before the detokenizer
 stays frozen; the detokenizer alone is fine-tuned on reconstruction for --steps steps, the control
 (`--variant plain`) the same steps without the field. Then recon_psnr and the judge's recon_shape /
-recon_all on held-out scenes.
+recon_all on held-out scenes. `--variant paint` adds detail inside each patch on top of the field
+(class Paint below; docs/generation.md "Painting inside the patch").
 
     python scripts/detok_shape_probe.py setok/checkpoints/small --variant field --steps 300 --json f.json
+    python scripts/detok_shape_probe.py setok/checkpoints/small --variant paint --steps 300 --paint-lr 1e-2
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from setok.eval.judge import judge_rows
 from setok.eval.metrics import psnr
 from setok.model.detokenizer import Detokenizer
 from setok.model.encoder import preprocess
+from setok.model.merger import patch_coords
 from setok.model.setokim import Setokim
 
 log = logging.getLogger("detok_shape_probe")
@@ -47,6 +50,38 @@ def with_field(base: Detokenizer, cfg) -> Detokenizer:
     return detok
 
 
+class Paint(torch.nn.Module):
+    """`--variant paint` (measured, not kept in the model): the detail inside each patch. Each
+    token's colour is what the detokenizer's head painted where the token owns the patches (a
+    softmax over the tokens of its cross-attention's own locality and shape-field logits, mixed
+    over heads); k x k points per patch are owned by the same logits evaluated at the point itself,
+    sharpened, and painted in their tokens' colours, minus the mean over each patch (the patch
+    colours stay the head's). Gain, sharpness and head mix learn it; the gain starts at 0."""
+
+    def __init__(self, detok: Detokenizer, subdiv: int, enc):
+        super().__init__()
+        self.detok, self.k, self.grid, self.patch = detok, subdiv, enc.grid, enc.patch_size
+        self.register_buffer("points", patch_coords(enc.grid * subdiv), persistent=False)  # (P, 2)
+        self.mix = torch.nn.Parameter(torch.zeros(detok.heads))  # softmax-ed: padding stays at -1e4
+        self.sharpness = torch.nn.Parameter(torch.zeros(()))  # log of the points' logit scale
+        self.gain = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, tokens: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        image = self.detok(tokens, num_tokens)  # (B, 3, H, W)
+        b, g, k, up = image.shape[0], self.grid, self.k, self.patch // self.k
+        mix = self.mix.softmax(0).view(1, -1, 1, 1)
+        own = (self.detok.cross_bias(tokens, num_tokens) * mix).sum(1).softmax(-1)  # (B, N, T)
+        patch_rgb = image.reshape(b, 3, g, self.patch, g, self.patch).mean((3, 5)).flatten(2)  # (B, 3, N)
+        colour = (patch_rgb @ own) / own.sum(1, keepdim=True).clamp_min(1e-6)  # (B, 3, N) @ (B, N, T) -> (B, 3, T)
+        at_points = (self.detok.cross_bias(tokens, num_tokens, self.points) * mix).sum(1)  # (B, P, T)
+        painted = colour @ (at_points * self.sharpness.exp()).softmax(-1).transpose(1, 2)  # (B, 3, T) @ (B, T, P)
+        cells = painted.reshape(b, 3, g, k, g, k)  # (B, 3, P) -> (B, 3, G, k, G, k): points by patch
+        detail = self.gain * (cells - cells.mean((3, 5), keepdim=True))  # zero mean over each patch
+        if up > 1:
+            detail = detail.reshape(b, 3, g * k, 1, g * k, 1).expand(-1, -1, -1, up, -1, up)
+        return image + detail.reshape(b, 3, g * self.patch, g * self.patch)
+
+
 def tokens_of(model: Setokim, images: np.ndarray):
     px = preprocess(torch.from_numpy(images), model.cfg.encoder)
     with torch.no_grad():
@@ -54,9 +89,12 @@ def tokens_of(model: Setokim, images: np.ndarray):
     return px, vt.tokens, vt.clusters.num_tokens
 
 
-def finetune(model: Setokim, detok: Detokenizer, steps: int, batch: int, lr: float) -> list[float]:
+def finetune(model: Setokim, detok: torch.nn.Module, steps: int, batch: int, lr: float, paint_lr: float) -> list[float]:
     stream = item_stream("synthetic", model.cfg.encoder.image_size, 0)
-    opt = torch.optim.AdamW(detok.parameters(), lr=lr, weight_decay=0.01)
+    # The paint starts at zero colours: its field gets no gradient until they grow, so it has its own rate.
+    paint = [p for n, p in detok.named_parameters() if not n.startswith("detok.")] if isinstance(detok, Paint) else []
+    rest = [p for p in detok.parameters() if all(p is not q for q in paint)]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": paint, "lr": paint_lr}], lr=lr, weight_decay=0.01)
     losses = []
     for step in tqdm(range(steps), desc="finetune", unit="step"):
         items = stream.batch(FIRST_STEP + step, batch)
@@ -70,7 +108,7 @@ def finetune(model: Setokim, detok: Detokenizer, steps: int, batch: int, lr: flo
     return losses
 
 
-def evaluate(model: Setokim, detok: Detokenizer, n: int, seed: int) -> dict[str, float]:
+def evaluate(model: Setokim, detok: torch.nn.Module, n: int, seed: int) -> dict[str, float]:
     rows: dict[str, list[float]] = {"recon_psnr": []}
     items = eval_items(n, seed=seed, size=model.cfg.encoder.image_size)
     for i in range(0, n, 50):
@@ -90,10 +128,12 @@ def evaluate(model: Setokim, detok: Detokenizer, n: int, seed: int) -> dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
-    ap.add_argument("--variant", choices=["plain", "field"], default="field")
+    ap.add_argument("--variant", choices=["plain", "field", "paint"], default="field")
+    ap.add_argument("--subdiv", type=int, default=4, help="--variant paint: points per patch side")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--paint-lr", type=float, default=3e-4, help="the in-patch paint's own rate")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -109,12 +149,14 @@ def main() -> None:
     if args.variant == "field" and base.field is not None:
         raise SystemExit(f"{args.checkpoint} already has a shape field; --variant plain fine-tunes it as it is")
     detok = with_field(base, model.cfg) if args.variant == "field" else base
+    if args.variant == "paint":
+        detok = Paint(detok if base.field is not None else with_field(base, model.cfg), args.subdiv, model.cfg.encoder)
     detok.requires_grad_(True)
     start = time.monotonic()
-    result = {"variant": args.variant, "steps": args.steps, "lr": args.lr, "before": evaluate(model, base, args.n, args.seed)}
+    result = {"variant": args.variant, "steps": args.steps, "lr": args.lr, "paint_lr": args.paint_lr, "before": evaluate(model, base, args.n, args.seed)}
     log.info("before: %s", result["before"])
     detok.train()
-    losses = finetune(model, detok, args.steps, args.batch, args.lr)
+    losses = finetune(model, detok, args.steps, args.batch, args.lr, args.paint_lr)
     detok.eval()
     result["after"] = evaluate(model, detok, args.n, args.seed)
     result["loss_first_last_50"] = [float(np.mean(losses[:50])), float(np.mean(losses[-50:]))]

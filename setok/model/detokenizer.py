@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from setok.config import DetokenizerConfig, EncoderConfig
 from setok.model.layers import Block, init_weights, sincos_2d, unpatchify
-from setok.model.merger import OFFSET_FEATURES, offset_code, patch_coords, token_mask
+from setok.model.merger import OFFSET_FEATURES, offset_logits, patch_coords, token_mask
 
 
 class Detokenizer(nn.Module):
@@ -56,23 +56,24 @@ class Detokenizer(nn.Module):
             x = blk(x, ctx=ctx, ctx_mask=bias)
         return unpatchify(self.head(self.norm(x)), self.patch)  # (B, N, p*p*3) -> (B, 3, H, W)
 
-    def cross_bias(self, tokens: Tensor, num_tokens: Tensor) -> Tensor:
-        """(B, heads, N, T) additive logits: locality prior, and a large negative for padding."""
+    def cross_bias(self, tokens: Tensor, num_tokens: Tensor, points: Tensor | None = None) -> Tensor:
+        """(B, heads, N, T) additive logits: locality prior, and a large negative for padding; at the
+        patch centres, or at other (P, 2) points (scripts/detok_shape_probe.py's in-patch paint)."""
+        points = self.coords if points is None else points
         where = tokens[..., :2]  # (B, T, 2) token centroids
-        d2 = ((self.coords.unsqueeze(1) - where.unsqueeze(1)) ** 2).sum(-1)  # (1,N,1,2)-(B,1,T,2) -> (B, N, T)
+        d2 = ((points.unsqueeze(1) - where.unsqueeze(1)) ** 2).sum(-1)  # (P,1,2)-(B,1,T,2) -> (B, P, T)
         scale = self.locality.view(1, -1, 1) * torch.exp(self.reach(tokens)).transpose(1, 2)  # (B, heads, T)
-        bias = -d2.unsqueeze(1) * scale.unsqueeze(2)  # (B, heads, N, T)
+        bias = -d2.unsqueeze(1) * scale.unsqueeze(2)  # (B, heads, P, T)
         if self.field is not None:
-            bias = bias + self.shape_bias(tokens)
+            bias = bias + self.shape_bias(tokens, points)
         pad = ~token_mask(num_tokens, tokens.shape[1])  # (B, T)
         # A finite large negative, not -inf: exports cleanly and never makes a NaN row.
         return bias.masked_fill(pad[:, None, None, :], -1e4)
 
-    def shape_bias(self, tokens: Tensor) -> Tensor:
-        """(B, T, D) -> (B, heads, N, T): each token's field, linear in the merger's Fourier code of a
-        patch's offset from the token's centroid (the same code the merger's shape signature is
+    def shape_bias(self, tokens: Tensor, points: Tensor | None = None) -> Tensor:
+        """(B, T, D) -> (B, heads, P, T): each token's field, linear in the merger's Fourier code of a
+        point's offset from the token's centroid (the same code the merger's shape signature is
         built from), with weights read from the token. MatMuls, not Einsum, for TensorRT."""
         b, t, _ = tokens.shape
-        off = offset_code(self.coords.unsqueeze(0) - tokens[..., None, :2])  # (1,N,2)-(B,T,1,2) -> (B, T, N, 40)
         weights = self.field(tokens).view(b, t, self.heads, OFFSET_FEATURES)  # (B, T, heads, 40)
-        return (off @ weights.transpose(2, 3)).permute(0, 3, 2, 1)  # (B,T,N,40)@(B,T,40,heads) -> (B, heads, N, T)
+        return offset_logits(self.coords if points is None else points, tokens[..., :2], weights)  # (B, heads, P, T)

@@ -30,14 +30,35 @@ def patch_coords(grid: int) -> Tensor:
 OFFSET_FEATURES = 40  # offset_code's width
 
 
+def _phases(points: Tensor) -> Tensor:
+    """(..., 2) positions in image units -> (..., 20) phases at 5 frequencies along 4 directions
+    (x, y and both diagonals: a diamond differs from a square only along the diagonals). Linear in
+    the position, so the phase of an offset is a difference of phases."""
+    dx, dy = points[..., 0], points[..., 1]
+    dirs = torch.stack([dx, dy, (dx + dy) * 0.7071, (dx - dy) * 0.7071], -1)  # (..., 4)
+    freqs = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], device=points.device) * torch.pi
+    return (dirs.unsqueeze(-1) * freqs).flatten(-2)  # (..., 4, 5) -> (..., 20)
+
+
 def offset_code(offset: Tensor) -> Tensor:
-    """(B, N, 2) offsets in image units -> (B, N, 40) sin/cos at 5 frequencies along 4 directions
-    (x, y and both diagonals: a diamond differs from a square only along the diagonals)."""
-    dx, dy = offset[..., 0], offset[..., 1]
-    dirs = torch.stack([dx, dy, (dx + dy) * 0.7071, (dx - dy) * 0.7071], -1)  # (B, N, 4)
-    freqs = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], device=offset.device) * torch.pi
-    phase = (dirs.unsqueeze(-1) * freqs).flatten(-2)  # (B, N, 4, 5) -> (B, N, 20)
+    """(B, N, 2) offsets in image units -> (B, N, 40): sin and cos of their phases."""
+    phase = _phases(offset)  # (B, N, 20)
     return torch.cat([phase.sin(), phase.cos()], -1)  # (B, N, 40)
+
+
+def offset_logits(points: Tensor, centres: Tensor, weights: Tensor) -> Tensor:
+    """(P, 2) points, (B, T, 2) centres, (B, T, H, 40) weights -> (B, H, P, T): weights[b, t, h] .
+    offset_code(points[p] - centres[b, t]), without the (B, T, P, 40) code of every offset: a
+    phase of an offset is a difference of phases, and sin(a - b) = sin a cos b - cos a sin b
+    (cos likewise), so each term is a code of the point times a code of the centre (at 729
+    patches and 729 tokens the full code was ~85 MB per image; this is one (B, H, P, T) MatMul)."""
+    ws, wc = weights[..., :20], weights[..., 20:]  # (B, T, H, 20): the sin and the cos terms
+    b = _phases(centres).unsqueeze(2)  # (B, T, 1, 20)
+    sb, cb = b.sin(), b.cos()
+    per_centre = torch.cat([ws * cb + wc * sb, wc * cb - ws * sb], -1)  # (B, T, H, 40): coefficients of sin a, cos a
+    a = _phases(points)  # (P, 20)
+    per_point = torch.cat([a.sin(), a.cos()], -1)  # (P, 40)
+    return per_point @ per_centre.permute(0, 2, 3, 1)  # (P, 40) @ (B, H, 40, T) -> (B, H, P, T)
 
 
 def token_mask(num_tokens: Tensor, max_tokens: int) -> Tensor:

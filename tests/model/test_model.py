@@ -319,6 +319,16 @@ def test_the_shape_field_gives_a_token_a_footprint_that_is_not_a_disc():
     assert torch.equal(built[False](tokens, counts), built[True](tokens, counts))
 
 
+def test_the_offset_field_factorises_into_a_point_code_times_a_centre_code():
+    """offset_logits never builds the (B, T, P, 40) code of every offset, and gives what it would."""
+    from setok.model.merger import offset_code, offset_logits, patch_coords
+
+    torch.manual_seed(0)
+    points, centres, weights = patch_coords(16), torch.rand(2, 5, 2), torch.randn(2, 5, 3, 40)  # (P,2) (B,T,2) (B,T,H,40)
+    full = offset_code(points.unsqueeze(0) - centres[..., None, :]) @ weights.transpose(2, 3)  # (B, T, P, H)
+    assert torch.allclose(offset_logits(points, centres, weights), full.permute(0, 3, 2, 1), atol=1e-4)
+
+
 def test_the_shipped_checkpoint_is_what_the_demo_runs_and_it_loads(tmp_path):
     """The package ships `small`: `setok demo` must find it (not fall back to training tiny) and
     this version must load it."""
