@@ -411,13 +411,20 @@ class Trainer:
         barrier(self.dist)
 
     def _opt_tensors(self) -> dict[str, torch.Tensor]:
+        """The optimizer's moments keyed by parameter name (`opt.<param>.<stat>`), not by position:
+        a resumed run whose optimizer groups its parameters differently still gets each its own."""
         flat = {}
-        for pid, st in self.opt.state_dict()["state"].items():
-            for name, value in st.items():
-                flat[f"opt.{pid}.{name}"] = torch.as_tensor(value).contiguous()
+        names = self._param_names()
+        for p, st in self.opt.state.items():
+            for stat, value in st.items():
+                flat[f"opt.{names[id(p)]}.{stat}"] = torch.as_tensor(value).contiguous()
         for name, p in self.concept.state_dict().items():
             flat[f"concept.{name}"] = p.contiguous()
         return flat
+
+    def _param_names(self) -> dict[int, str]:
+        named = [*self.model.named_parameters(), *(("concept." + n, p) for n, p in self.concept.named_parameters())]
+        return {id(p): n for n, p in named}
 
     def _load_optimizer(self) -> None:
         from safetensors.torch import load_file
@@ -427,13 +434,22 @@ class Trainer:
             return
         flat = load_file(str(path))
         self.concept.load_state_dict({k[8:]: v for k, v in flat.items() if k.startswith("concept.")})
-        sd = self.opt.state_dict()
+        saved: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in flat.items():
             if key.startswith("opt."):
-                _, pid, name = key.split(".", 2)
-                sd["state"].setdefault(int(pid), {})[name] = value
-        self.opt.load_state_dict(sd)
-
+                where, stat = key[4:].rsplit(".", 1)
+                saved.setdefault(where, {})[stat] = value
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        by_name = {n: p for p in params if (n := self._param_names().get(id(p)))}
+        # Checkpoints before names keyed the moments by position in the optimizer's groups.
+        by_key = {str(i): p for i, p in enumerate(params)} if all(k.isdigit() for k in saved) else by_name
+        skipped = [k for k, st in saved.items() if k not in by_key or st["exp_avg"].shape != by_key[k].shape]
+        for key, st in saved.items():
+            if key not in skipped:
+                self.opt.state[by_key[key]] = {k: v.to(by_key[key].device) if k != "step" else v for k, v in st.items()}
+        if skipped:
+            log.warning("resume: %d saved optimizer states match no parameter of this run's optimizer (they start "
+                        "fresh): %s", len(skipped), ", ".join(sorted(skipped)[:5]))
 
 def lr_scale(step: int, total: int) -> float:
     """Linear warm-up then cosine decay to 10%: a pure function of the step, so resume is exact."""
