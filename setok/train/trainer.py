@@ -440,7 +440,8 @@ class Trainer:
                 where, stat = key[4:].rsplit(".", 1)
                 saved.setdefault(where, {})[stat] = value
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        by_name = {n: p for p in params if (n := self._param_names().get(id(p)))}
+        names = self._param_names()
+        by_name = {names[id(p)]: p for p in params if id(p) in names}
         # Checkpoints before names keyed the moments by position in the optimizer's groups.
         by_key = {str(i): p for i, p in enumerate(params)} if all(k.isdigit() for k in saved) else by_name
         skipped = [k for k, st in saved.items() if k not in by_key or st["exp_avg"].shape != by_key[k].shape]
@@ -450,6 +451,7 @@ class Trainer:
         if skipped:
             log.warning("resume: %d saved optimizer states match no parameter of this run's optimizer (they start "
                         "fresh): %s", len(skipped), ", ".join(sorted(skipped)[:5]))
+
 
 def lr_scale(step: int, total: int) -> float:
     """Linear warm-up then cosine decay to 10%: a pure function of the step, so resume is exact."""
