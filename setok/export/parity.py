@@ -111,15 +111,29 @@ def _stages(model, pipe, rgb: np.ndarray, rows: dict) -> None:
     _llm(model, pipe, tokens[0, :k], rows)
 
 
+NEAR_TIE_SCALE = 2.0 ** -16  # a perturbation of the features, relative to their RMS: tens of float32 ulps
+NEAR_TIE_DRAWS = 16
+
+
 def rounding_sensitive(model, feats: torch.Tensor, clusters) -> bool:
     """Does this image's clustering hang on float32 rounding? DPC compares densities and
     distances; where two are within an ulp or two (seen on photos with a barely trained model:
-    neighbour means 1.7e-7 apart), torch's and ONNX Runtime's MatMul round differently and either
+    neighbour means 1.7e-7 apart), torch's and ONNX Runtime's MatMuls round differently and either
     answer is the exact clustering of its own arithmetic. Such an image is one whose float64
-    clustering differs from float32's; where an exported form disagrees on it, its cluster
-    outputs are reported, not gated."""
+    clustering differs from float32's, or whose float64 clustering changes when the features move
+    by tens of float32 ulps (a tie float64 breaks as torch's float32 does, while ONNX Runtime's
+    float32 breaks it the other way: seen on a grey photo, 5 vs 4 tokens, flipped by 1e-6 of noise).
+    Where an exported form disagrees on such an image, its cluster outputs are reported, not gated."""
     exact = model.vision.cluster(feats.double())
-    return not (torch.equal(exact.num_tokens, clusters.num_tokens) and torch.equal(exact.assignment, clusters.assignment))
+    if not (torch.equal(exact.num_tokens, clusters.num_tokens) and torch.equal(exact.assignment, clusters.assignment)):
+        return True
+    scale = NEAR_TIE_SCALE * float(feats.double().pow(2).mean().sqrt())
+    for seed in range(NEAR_TIE_DRAWS):
+        noise = torch.randn(feats.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        moved = model.vision.cluster(feats.double() + scale * noise)
+        if not (torch.equal(moved.num_tokens, exact.num_tokens) and torch.equal(moved.assignment, exact.assignment)):
+            return True
+    return False
 
 
 def _llm(model, pipe, vision: torch.Tensor, rows: dict) -> None:
@@ -234,6 +248,6 @@ def format_table(result: dict) -> str:
         lines.append(f"{'end to end':16s} {key:24s} {value:.4f}")
     if result.get("rounding_sensitive_images"):
         lines.append(f"cluster outputs not gated on {result['rounding_sensitive_images']} of {result['images']} images: "
-                     "their float64 clustering differs from float32's (a near-tie decided by rounding)")
+                     "their float64 clustering differs from float32's or moves with the features by tens of ulps (a near-tie decided by rounding)")
     lines.append("PASS" if result["passed"] else "FAIL: " + "; ".join(result["failures"]))
     return "\n".join(lines)
