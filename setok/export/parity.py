@@ -124,16 +124,17 @@ def rounding_sensitive(model, feats: torch.Tensor, clusters) -> bool:
     by tens of float32 ulps (a tie float64 breaks as torch's float32 does, while ONNX Runtime's
     float32 breaks it the other way: seen on a grey photo, 5 vs 4 tokens, flipped by 1e-6 of noise).
     Where an exported form disagrees on such an image, its cluster outputs are reported, not gated."""
-    exact = model.vision.cluster(feats.double())
-    if not (torch.equal(exact.num_tokens, clusters.num_tokens) and torch.equal(exact.assignment, clusters.assignment)):
+    f64 = feats.double()
+    exact = model.vision.cluster(f64)
+    if not _same_clustering(exact, clusters):
         return True
-    scale = NEAR_TIE_SCALE * float(feats.double().pow(2).mean().sqrt())
-    for seed in range(NEAR_TIE_DRAWS):
-        noise = torch.randn(feats.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        moved = model.vision.cluster(feats.double() + scale * noise)
-        if not (torch.equal(moved.num_tokens, exact.num_tokens) and torch.equal(moved.assignment, exact.assignment)):
-            return True
-    return False
+    scale = NEAR_TIE_SCALE * float(f64.pow(2).mean().sqrt())
+    draws = (torch.randn(f64.shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in range(NEAR_TIE_DRAWS))
+    return any(not _same_clustering(model.vision.cluster(f64 + scale * noise), exact) for noise in draws)
+
+
+def _same_clustering(a, b) -> bool:
+    return torch.equal(a.num_tokens, b.num_tokens) and torch.equal(a.assignment, b.assignment)
 
 
 def _llm(model, pipe, vision: torch.Tensor, rows: dict) -> None:

@@ -444,7 +444,7 @@ class Trainer:
         by_name = {names[id(p)]: p for p in params if id(p) in names}
         # Checkpoints before names keyed the moments by position in the optimizer's groups.
         by_key = {str(i): p for i, p in enumerate(params)} if all(k.isdigit() for k in saved) else by_name
-        skipped = [k for k, st in saved.items() if k not in by_key or st["exp_avg"].shape != by_key[k].shape]
+        skipped = {k for k, st in saved.items() if k not in by_key or st["exp_avg"].shape != by_key[k].shape}
         for key, st in saved.items():
             if key not in skipped:
                 self.opt.state[by_key[key]] = {k: v.to(by_key[key].device) if k != "step" else v for k, v in st.items()}
