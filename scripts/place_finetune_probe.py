@@ -22,7 +22,7 @@ from setok.eval.metrics import psnr
 from setok.model import text as T
 from setok.model.encoder import preprocess
 from setok.model.setokim import Setokim
-from setok.train.trainer import task_sequences
+from setok.train.sequences import task_sequences
 
 logging.basicConfig(level=logging.INFO)
 log = logging.getLogger("place_probe")

@@ -3,7 +3,7 @@ path? (issue #20's first idea; results in docs/generation.md).
 
 A vision token's dims 0-1 are its cluster's centroid (x, y) in [0, 1] (setok.model.merger), and
 the detokenizer places each token by them. Generation emits the described objects' tokens first,
-in caption order (setok.train.trainer.generation_order). This probe keeps everything the LLM
+in caption order (setok.train.sequences.generation_order). This probe keeps everything the LLM
 regresses and only overwrites dims 0-1 of the first M slots (M objects described) with where the
 caption puts each object: the centre of its 3x3 cell, moved inward where the generator's margin
 (the object's radius) forbids part of an edge cell. No training; if the judge's gen_position

@@ -194,7 +194,7 @@ def test_grouping_pull_counts_each_group_once():
 def test_bucketed_losses_equal_one_padded_batch(tiny_ckpt):
     import random
 
-    from setok.train.trainer import task_sequences
+    from setok.train.sequences import task_sequences
 
     model = Setokim.from_pretrained(tiny_ckpt)
     items = eval_items(4, seed=2)
@@ -213,7 +213,7 @@ def test_bucketed_losses_equal_one_padded_batch(tiny_ckpt):
 
 def test_generation_targets_follow_the_caption_then_background():
     from setok.model.losses import patch_labels
-    from setok.train.trainer import generation_order
+    from setok.train.sequences import generation_order
 
     it = next(it for it in eval_items(40, seed=3) if it.num_objects >= 3)
     labels = patch_labels(torch.from_numpy(it.instance_mask)[None], 4)[0]  # (N,)
@@ -234,7 +234,7 @@ def test_relation_questions_are_drawn_more_often():
     import random
     from collections import Counter
 
-    from setok.train.trainer import RELATION_WEIGHT, qa_weight, weighted_sample
+    from setok.train.sequences import RELATION_WEIGHT, qa_weight, weighted_sample
 
     items = [it for it in eval_items(200, seed=4) if any(qa_weight(q) > 1 for q, _ in it.qa)]
     kinds = Counter()
