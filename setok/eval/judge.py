@@ -371,13 +371,16 @@ def reads_exactly(caption: str, image: np.ndarray) -> bool:
 # ---------------------------------------------------------------------------------------------
 # The eval keys (docs/generation.md)
 
-JUDGE_KEYS = ("judgeable", "gen_colour", "gen_position", "gen_count", "gen_shape", "gen_all", "recon_shape", "recon_all")
+# recon_colour / recon_position / recon_count read reconstructions like generations: what the
+# detokenizer itself allows a generator (its colour fringes between objects break recon_count).
+JUDGE_KEYS = ("judgeable", "gen_colour", "gen_position", "gen_count", "gen_shape", "gen_all",
+              "recon_colour", "recon_position", "recon_count", "recon_shape", "recon_all")
 
 
 def judge_rows(caption: str, truth: np.ndarray, recon: np.ndarray, generated: np.ndarray) -> dict[str, list[float]]:
     """One scene's contribution to the judge keys: `judgeable` always (1 or 0); the others only
     when the judge reads the true image exactly. Object-level keys (gen_colour, gen_position,
-    gen_shape, recon_shape) add one 0/1 per described object; scene-level keys one per scene."""
+    gen_shape, recon_colour, recon_position, recon_shape) add one 0/1 per described object; scene-level keys one per scene."""
     described = parse_caption(caption)[0]
     rows: dict[str, list[float]] = {key: [] for key in JUDGE_KEYS}
     ok = judge(described, read_image(truth)).all_ok
@@ -396,6 +399,9 @@ def judge_rows(caption: str, truth: np.ndarray, recon: np.ndarray, generated: np
     rows["gen_count"].append(float(gen.count_ok))
     rows["gen_all"].append(float(gen.all_ok))
     rec = judge(described, read_image(recon))
+    rows["recon_colour"] += per_object(rec.colour)
+    rows["recon_position"] += per_object(rec.position)
+    rows["recon_count"].append(float(rec.count_ok))
     rows["recon_shape"] += per_object(rec.shape)
     rows["recon_all"].append(float(rec.all_ok))
     return rows

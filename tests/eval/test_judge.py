@@ -124,7 +124,11 @@ def test_judge_rows_define_the_eval_keys():
     if rows["judgeable"] == [1.0]:
         n = it.num_objects
         assert rows["recon_shape"] == [1.0] * n and rows["recon_all"] == [1.0]
+        assert rows["recon_colour"] == rows["recon_position"] == [1.0] * n and rows["recon_count"] == [1.0]
         assert rows["gen_colour"] == [0.0] * n and rows["gen_count"] == [0.0] and rows["gen_all"] == [0.0]
+        # The reconstruction keys read the reconstruction, the generation keys the generation.
+        swapped = judge_rows(it.caption, it.image, flat, it.image)
+        assert swapped["recon_count"] == [0.0] and swapped["recon_colour"] == [0.0] * n and swapped["gen_count"] == [1.0]
     else:
         assert all(not v for k, v in rows.items() if k != "judgeable")
 
