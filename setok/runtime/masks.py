@@ -14,21 +14,36 @@ import numpy as np
 
 
 def pixel_owners(assignment: np.ndarray, pixels: np.ndarray, grid: int, patch: int, num_tokens: int) -> np.ndarray:
-    """(N,) token per patch + (H, W, 3) pixels (any per-channel affine scale) -> (H, W) token per pixel."""
+    """(N,) token per patch + (H, W, 3) pixels (any per-channel affine scale) -> (H, W) token per pixel.
+
+    Only the (at most 9) tokens owning the pixel's patch or a neighbour are candidates, so the cost
+    is 9 passes over the image whatever K is: the all-tokens form, (K, H, W) distances, took 190-260 ms
+    per image at 378-384 px with 32 tokens and ran on every `tokens()` call."""
     k = int(num_tokens)
-    member = assignment.reshape(grid, grid)[None] == np.arange(k)[:, None, None]  # (K, G, G)
-    up = np.ones((1, patch, patch), bool)
-    owned = np.kron(member, up)  # (K, H, W): patch-level ownership
-    x = pixels.astype(np.float64)
-    means = np.einsum("khw,hwc->kc", owned, x) / np.maximum(owned.sum((1, 2)), 1)[:, None]  # (K, 3)
-    pad = np.pad(member, ((0, 0), (1, 1), (1, 1)))
-    near = np.zeros_like(member)
+    x = pixels.astype(np.float64)  # (H, W, 3)
+    owner = assignment.reshape(grid, grid)  # (G, G)
+    patch_sums = x.reshape(grid, patch, grid, patch, 3).sum((1, 3)).reshape(-1, 3)  # (N, 3)
+    sums = np.stack([np.bincount(assignment, patch_sums[:, c], minlength=k)[:k] for c in range(3)], 1)  # (K, 3)
+    counts = np.bincount(assignment, minlength=k)[:k] * patch * patch
+    means = sums / np.maximum(counts, 1)[:, None]  # (K, 3) mean colour over each token's patches
+    # A last row of inf: a missing neighbour (-1, off the grid) is never nearest.
+    means = np.vstack([means, np.full((1, 3), np.inf)])  # (K+1, 3)
+    pad = np.pad(owner, 1, constant_values=-1)  # (G+2, G+2)
+    planes = x.transpose(2, 0, 1).reshape(3, grid, patch, grid, patch)  # (H, W, 3) -> (3, G, p, G, p)
+    best = np.full(planes.shape[1:], np.inf)
+    best_id = np.full(planes.shape[1:], k, np.int64)
     for dy in range(3):
         for dx in range(3):
-            near |= pad[:, dy : dy + grid, dx : dx + grid]  # owns a patch in the 3x3 neighbourhood
-    dist = ((x[None] - means[:, None, None, :]) ** 2).sum(-1)  # (K, H, W)
-    dist[~np.kron(near, up)] = np.inf
-    return dist.argmin(0)  # ties: the lower token index
+            cand = pad[dy : dy + grid, dx : dx + grid]  # (G, G): one candidate token per patch
+            m = means[cand][:, None, :, None, :]  # (G, 1, G, 1, 3)
+            dist = sum((planes[c] - m[..., c]) ** 2 for c in range(3))  # (G, p, G, p)
+            c4 = cand[:, None, :, None]
+            # ties go to the lower token index, as an argmin over all tokens would give
+            better = (dist < best) | ((dist == best) & (c4 < best_id))
+            np.copyto(best, dist, where=better)
+            np.copyto(best_id, np.broadcast_to(c4, better.shape), where=better)
+    best_id = best_id.reshape(x.shape[:2])  # (G, p, G, p) -> (H, W)
+    return best_id
 
 
 def token_masks(owners: np.ndarray, num_tokens: int) -> np.ndarray:
