@@ -9,6 +9,7 @@ Upstream stages run in fp32 (the bundle as exported), as post-training calibrati
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -111,7 +112,9 @@ def collect_feeds(pipe, samples: list[Sample], stages: list[str]) -> dict[str, l
 
 
 def _vision_feeds(pipe, px: np.ndarray, s: Sample, feeds: dict) -> None:
+    from setok.runtime.masks import CropOwners
     from setok.runtime.pipeline import Tokens
+    from setok.runtime.preprocess import to_unit_rgb
 
     _add(feeds, "encoder", lambda: {M.PIXEL_VALUES: px})
     pf = pipe.stage("encoder").run({M.PIXEL_VALUES: px})[M.PATCH_FEATURES]
@@ -123,7 +126,8 @@ def _vision_feeds(pipe, px: np.ndarray, s: Sample, feeds: dict) -> None:
     _add(feeds, "detokenizer", lambda: {M.VISION_TOKENS: padded, M.NUM_TOKENS: c[M.NUM_TOKENS]})
     tokens = np.ascontiguousarray(padded[0, :k])
     _add(feeds, "projector", lambda: {M.VISION_TOKENS: tokens})
-    vt = Tokens(tokens, c[M.ASSIGNMENT][0], c[M.CENTERS][0, :k], np.zeros((k, 1, 1), bool))
+    unit = functools.partial(to_unit_rgb, px[0], pipe.manifest.preprocessing)
+    vt = Tokens(tokens, c[M.ASSIGNMENT][0], c[M.CENTERS][0, :k], CropOwners(c[M.ASSIGNMENT][0], unit, pipe.grid, pipe.patch, k))
     _add(feeds, "llm", lambda: _language_feeds(pipe, vt, s, feeds))
     expr = s.expression or s.caption
     if expr:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from setok.runtime.masks import CropOwners
+
 MODES = ("crop", "letterbox")
 
 
@@ -121,15 +123,14 @@ class FrameSource:
     loop that only asks questions never pays for it) and cached (shared by copies of the result)."""
 
     frame: FrameMap
-    owners_crop: np.ndarray  # (size, size) token per encoder pixel
-    means: np.ndarray  # (K, 3) mean colour of each token in [0, 1]
+    crop: CropOwners  # the tokens at the encoder's pixels (owners, mean colours)
     pixels: np.ndarray | None  # (H, W, 3) uint8, the frame; None: nearest neighbour only
     _owners: np.ndarray | None = field(default=None, repr=False)
 
     def owners(self) -> np.ndarray:
         """(H, W) int token per frame pixel; -1 where the encoder did not see the frame (crop mode)."""
         if self._owners is None:
-            self._owners = frame_owners(self.owners_crop, self.means, self.pixels, self.frame)
+            self._owners = frame_owners(self.crop.owners(), self.crop.means(), self.pixels, self.frame)
         return self._owners
 
 
@@ -165,13 +166,6 @@ def frame_owners(owners_crop: np.ndarray, means: np.ndarray, pixels: np.ndarray 
             out[ys, xs] = np.take_along_axis(c, d.argmin(1)[:, None], 1)[:, 0]  # ties: the pixel's own token
     out[~inside] = -1
     return out
-
-
-def token_means(owners_crop: np.ndarray, unit_rgb: np.ndarray, k: int) -> np.ndarray:
-    """(S, S) owners + (S, S, 3) colours in [0, 1] -> (K, 3) mean colour per token."""
-    flat = owners_crop.reshape(-1)
-    counts = np.maximum(np.bincount(flat, minlength=k), 1)
-    return np.stack([np.bincount(flat, unit_rgb[..., c].reshape(-1), minlength=k) for c in range(3)], 1) / counts[:, None]
 
 
 def boxes_and_centroids(owners: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,8 @@ that meet there. Clusters stay exactly DPC-KNN's; this only draws their borders 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -49,3 +51,52 @@ def pixel_owners(assignment: np.ndarray, pixels: np.ndarray, grid: int, patch: i
 def token_masks(owners: np.ndarray, num_tokens: int) -> np.ndarray:
     """(H, W) token per pixel -> (K, H, W) bool: exactly one token owns each pixel."""
     return owners[None] == np.arange(int(num_tokens))[:, None, None]
+
+
+def token_means(owners_crop: np.ndarray, unit_rgb: np.ndarray, k: int) -> np.ndarray:
+    """(S, S) owners + (S, S, 3) colours in [0, 1] -> (K, 3) mean colour per token."""
+    flat = owners_crop.reshape(-1)
+    counts = np.maximum(np.bincount(flat, minlength=k), 1)
+    return np.stack([np.bincount(flat, unit_rgb[..., c].reshape(-1), minlength=k) for c in range(3)], 1) / counts[:, None]
+
+
+class CropOwners:
+    """One image's tokens at the encoder's pixels: the owner of each pixel, the masks and each
+    token's mean colour, computed on first use and cached. A loop that only asks questions never
+    pays for them (at 378-384 px with 32 tokens, ~18 ms per image, beside the LLM's few ms a step)."""
+
+    def __init__(self, assignment: np.ndarray, unit_rgb: Callable[[], np.ndarray], grid: int, patch: int, num_tokens: int):
+        """`unit_rgb`: makes the (S, S, 3) encoder-input colours in [0, 1] when first needed."""
+        self.assignment, self._unit_rgb, self.grid, self.patch, self.k = assignment, unit_rgb, grid, patch, int(num_tokens)
+        self._unit: np.ndarray | None = None
+        self._owners: np.ndarray | None = None
+        self._masks: np.ndarray | None = None
+        self._means: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return self.grid * self.patch
+
+    @property
+    def unit_rgb(self) -> np.ndarray:
+        if self._unit is None:
+            self._unit = self._unit_rgb()
+        return self._unit
+
+    def owners(self) -> np.ndarray:
+        """(S, S) int64 token per encoder pixel."""
+        if self._owners is None:
+            self._owners = pixel_owners(self.assignment, self.unit_rgb, self.grid, self.patch, self.k)
+        return self._owners
+
+    def masks(self) -> np.ndarray:
+        """(K, S, S) bool: exactly one token owns each pixel."""
+        if self._masks is None:
+            self._masks = token_masks(self.owners(), self.k)
+        return self._masks
+
+    def means(self) -> np.ndarray:
+        """(K, 3) mean colour in [0, 1] of each token's pixels."""
+        if self._means is None:
+            self._means = token_means(self.owners(), self.unit_rgb, self.k)
+        return self._means

@@ -7,6 +7,7 @@ available as `masks_crop` / `mask_crop`)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -25,7 +26,6 @@ from setok.runtime.aio import AsyncMethods
 from setok.runtime.frame import (
     MODES,
     FrameSource,
-    token_means,
 )
 from setok.runtime.guided import (
     ConstraintCache,
@@ -34,7 +34,7 @@ from setok.runtime.guided import (
     TokenIndex,
     structure,
 )
-from setok.runtime.masks import pixel_owners, token_masks
+from setok.runtime.masks import CropOwners
 from setok.runtime.prefix_cache import PrefixCache
 from setok.runtime.preprocess import Prepared, normalize, prepare, to_uint8, to_unit_rgb
 from setok.runtime.results import Image, ImageInput, Mask, Text, Tokens
@@ -201,13 +201,11 @@ class Pipeline(AsyncMethods):
                 raise BundleError(f"{cluster_stage}: num_tokens={k} for {feats.shape[1]} patches: the cluster engine's "
                                     "kernel was built for fewer patches; rebuild the engines with `setok build`")
             assignment = c[M.ASSIGNMENT][i]
-            # each token's cluster at pixel resolution (borders follow colour edges)
-            unit = to_unit_rgb(px[i], self.manifest.preprocessing)
-            owners = pixel_owners(assignment, unit, self.grid, self.patch, k)
-            source = None
-            if preps is not None:
-                source = FrameSource(preps[i].frame, owners, token_means(owners, unit, k), preps[i].pixels)
-            out.append(Tokens(tokens[i, :k], assignment, c[M.CENTERS][i, :k], token_masks(owners, k), dict(t), source))
+            # each token's cluster at pixel resolution (borders follow colour edges), on first use
+            unit = functools.partial(to_unit_rgb, px[i], self.manifest.preprocessing)
+            crop = CropOwners(assignment, unit, self.grid, self.patch, k)
+            source = FrameSource(preps[i].frame, crop, preps[i].pixels) if preps is not None else None
+            out.append(Tokens(tokens[i, :k], assignment, c[M.CENTERS][i, :k], crop, dict(t), source))
         return out
 
     # ---- language ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from setok.runtime.frame import (
     mask_box,
     mask_centroid,
 )
-from setok.runtime.masks import token_masks
+from setok.runtime.masks import CropOwners, token_masks
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -29,7 +29,7 @@ class Tokens:
     tokens: np.ndarray  # (K, D) exactly num_tokens vision tokens
     assignment: np.ndarray  # (N,) token id per patch
     centers: np.ndarray  # (K,) center patch per token
-    masks_crop: np.ndarray  # (K, S, S) bool: the encoder-input pixels each token owns
+    crop: CropOwners  # the encoder-input pixels each token owns (`masks_crop`), computed on first use
     timings: dict[str, float] = field(default_factory=dict)
     source: FrameSource | None = field(default=None, repr=False, compare=False)  # the frame, for frame results
 
@@ -38,9 +38,14 @@ class Tokens:
         return int(self.tokens.shape[0])
 
     @property
+    def masks_crop(self) -> np.ndarray:
+        """(K, S, S) bool: the encoder-input pixels each token owns."""
+        return self.crop.masks()
+
+    @property
     def frame(self) -> FrameMap:
         """Where the encoder's input lies in the frame passed in (identity for a size x size array)."""
-        return self.source.frame if self.source is not None else FrameMap.identity(int(self.masks_crop.shape[-1]))
+        return self.source.frame if self.source is not None else FrameMap.identity(self.crop.size)
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -58,7 +63,7 @@ class Tokens:
     def owners(self) -> np.ndarray:
         """(H, W) int: the token owning each frame pixel; -1 where the encoder did not see the frame."""
         if self.source is None:
-            return self.masks_crop.argmax(0)
+            return self.crop.owners()
         return self.source.owners()
 
     @property

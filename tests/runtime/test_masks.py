@@ -78,3 +78,21 @@ def test_pixel_owners_equal_the_all_tokens_definition():
     flat = np.zeros((64, 64, 3), np.uint8)
     a = np.repeat(np.arange(4), 64)
     np.testing.assert_array_equal(pixel_owners(a, flat, 16, 4, 4), _owners_by_definition(a, flat, 16, 4, 4))
+
+
+def test_token_masks_are_drawn_on_first_use_only(tiny_bundle):
+    """A loop that only asks questions never pays for the masks: `tokenize` leaves them undrawn, and
+    the first access draws what pixel_owners gives for the image."""
+    from setok.runtime import Pipeline
+    from setok.runtime.preprocess import normalize, to_unit_rgb
+
+    pipe = Pipeline.open(tiny_bundle, threads=1)
+    it = eval_items(1, seed=5)[0]
+    vt = pipe.tokenize(it.image)
+    pipe.answer(it.image, "how many objects are there", max_new_tokens=2)
+    assert vt.crop._owners is None and vt.crop._unit is None
+    pre = pipe.manifest.preprocessing
+    unit = to_unit_rgb(normalize(it.image[None], pre["mean"], pre["std"])[0], pre)
+    want = pixel_owners(vt.assignment, unit, pipe.grid, pipe.patch, vt.num_tokens)
+    np.testing.assert_array_equal(vt.masks_crop, token_masks(want, vt.num_tokens))
+    assert vt.crop._owners is not None and vt.masks is vt.masks_crop  # an encoder-size frame maps by the identity
