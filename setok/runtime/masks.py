@@ -20,7 +20,7 @@ def pixel_owners(assignment: np.ndarray, pixels: np.ndarray, grid: int, patch: i
 
     Only the (at most 9) tokens owning the pixel's patch or a neighbour are candidates, so the cost
     is 9 passes over the image whatever K is: the all-tokens form, (K, H, W) distances, took 190-260 ms
-    per image at 378-384 px with 32 tokens and ran on every `tokens()` call."""
+    per image at 378-384 px with 32 tokens and ran on every `Pipeline.tokenize` call."""
     k = int(num_tokens)
     x = pixels.astype(np.float64)  # (H, W, 3)
     owner = assignment.reshape(grid, grid)  # (G, G)
