@@ -109,17 +109,8 @@ class Refine(torch.nn.Module):
         torch.nn.init.zeros_(self.mlp[2].bias)
         self.heads = detok.heads
 
-    def features(self, tokens, num_tokens):
-        d = self.detok
-        ctx = d.token_in(tokens)
-        x = (d.queries + d.pos).expand(tokens.shape[0], -1, -1)
-        bias = d.cross_bias(tokens, num_tokens)
-        for blk in d.blocks:
-            x = blk(x, ctx=ctx, ctx_mask=bias)
-        return d.norm(x)  # (B, N, W)
-
     def forward(self, tokens: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-        x = self.features(tokens, num_tokens)
+        x = self.detok.features(tokens, num_tokens)  # (B, N, W)
         image = unpatchify(self.detok.head(x), self.patch)  # (B, 3, H, W)
         b, n, w = x.shape
         kk, h = self.k * self.k, self.heads

@@ -1,4 +1,4 @@
-"""Benchmark: `setok.runtime.masks.pixel_owners`, which every `tokens()` call runs per image, at the
+"""Benchmark: `setok.runtime.masks.pixel_owners`, which draws a token result's masks (on first use), at the
 shipped model's grid and at the real towers' (384 px / 16 px, 378 px / 14 px; 32 tokens). Median of
 --runs calls on random pixels and clusterings; JSON on stdout.
 

@@ -4,8 +4,8 @@ recon_shape stops at the ceiling of one colour per 4-pixel patch (docs/generatio
 detokenizer that paints inside the patch did not move it. Either the detokenizer cannot draw what
 the tokens hold, or the tokens do not hold it. This probe asks the tokens directly: for every
 object of a scene, the token owning most of its pixels' patches; a linear probe (softmax
-regression, and a one-hidden-layer MLP, trained on --train scenes, tested on --test held-out ones) reads the object's shape
-(5 classes) from that token, reported by size. The control reads it from the object's own mask at
+regression, and a one-hidden-layer MLP, trained on --train scenes, tested on --test held-out
+ones) reads the object's shape (5 classes) from that token, reported by size. The control reads it from the object's own mask at
 patch resolution (the share of each patch it covers, a 6 x 6 window around its centre patch): what a
 tokenizer that kept only its clusters' patch masks could know.
 
@@ -49,8 +49,8 @@ def objects_of(model: Setokim, seeds: list[int]):
                     continue  # fully occluded
                 owner = np.bincount(assign, weights=cover.reshape(-1)).argmax()
                 cy, cx = int(obj.cy // p), int(obj.cx // p)
-                padded = np.pad(cover, WINDOW)
-                window = padded[cy + WINDOW - WINDOW // 2 : cy + WINDOW + WINDOW // 2, cx + WINDOW - WINDOW // 2 : cx + WINDOW + WINDOW // 2]
+                lo = WINDOW - WINDOW // 2  # the window's first row / column in the padded cover
+                window = np.pad(cover, WINDOW)[cy + lo : cy + lo + WINDOW, cx + lo : cx + lo + WINDOW]  # (6, 6)
                 rows.append((vt.tokens[b, owner].numpy(), window.reshape(-1), SHAPES.index(obj.shape), obj.size))
     return rows
 

@@ -49,12 +49,16 @@ class Detokenizer(nn.Module):
 
     def forward(self, tokens: Tensor, num_tokens: Tensor) -> Tensor:
         """(B, T, D), (B,) -> image (B, 3, H, W) in the encoder's normalised pixel space."""
+        return unpatchify(self.head(self.features(tokens, num_tokens)), self.patch)  # (B, N, p*p*3) -> (B, 3, H, W)
+
+    def features(self, tokens: Tensor, num_tokens: Tensor) -> Tensor:
+        """(B, T, D), (B,) -> (B, N, W): each output patch's normalised feature, before the pixel head."""
         ctx = self.token_in(tokens)  # (B, T, W)
         x = (self.queries + self.pos).expand(tokens.shape[0], -1, -1)  # (B, N, W)
         bias = self.cross_bias(tokens, num_tokens)
         for blk in self.blocks:
             x = blk(x, ctx=ctx, ctx_mask=bias)
-        return unpatchify(self.head(self.norm(x)), self.patch)  # (B, N, p*p*3) -> (B, 3, H, W)
+        return self.norm(x)
 
     def cross_bias(self, tokens: Tensor, num_tokens: Tensor, points: Tensor | None = None) -> Tensor:
         """(B, heads, N, T) additive logits: locality prior, and a large negative for padding; at the

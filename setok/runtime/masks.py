@@ -44,8 +44,7 @@ def pixel_owners(assignment: np.ndarray, pixels: np.ndarray, grid: int, patch: i
             better = (dist < best) | ((dist == best) & (c4 < best_id))
             np.copyto(best, dist, where=better)
             np.copyto(best_id, np.broadcast_to(c4, better.shape), where=better)
-    best_id = best_id.reshape(x.shape[:2])  # (G, p, G, p) -> (H, W)
-    return best_id
+    return best_id.reshape(x.shape[:2])  # (G, p, G, p) -> (H, W)
 
 
 def token_masks(owners: np.ndarray, num_tokens: int) -> np.ndarray:
