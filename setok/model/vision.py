@@ -37,7 +37,12 @@ class VisionTokenizer(nn.Module):
         self.detokenizer = Detokenizer(cfg.detokenizer, cfg.encoder, cfg.merger.token_dim)
 
     def cluster(self, features: Tensor) -> Clusters:
-        with torch.no_grad():  # clustering is discrete: no gradient flows through it
+        # Discrete: no gradient flows through it. And float32 under a bf16 autocast: the distances are
+        # |x|^2 + |y|^2 - 2 x.y of LayerNorm-ed features (|x|^2 ~ C), and a bf16 x.y cancels to noise
+        # for near neighbours, which is what density and delta read (measured on the shipped
+        # checkpoint: 64 of 64 held-out images clustered differently, 9.8 tokens instead of 8.1).
+        with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
+            features = features.float()
             if self.cfg.tokenizer == "patch":
                 return every_patch(features)
             if self.cfg.tokenizer == "topk":

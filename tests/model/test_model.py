@@ -387,3 +387,19 @@ def test_the_place_head_leaves_every_other_draw_as_it_was():
     theirs = dict(placed.named_parameters())
     for name, p in plain.named_parameters():
         assert torch.equal(p, theirs[name]), name
+
+
+def test_clustering_stays_float32_under_a_bf16_autocast():
+    """`setok train --precision bf16` autocasts the forward passes; the clusters must be the ones
+    float32 inference computes (a bf16 x.y in the distances clustered every image differently)."""
+    from setok.model.cluster import dpc_knn
+
+    model = Setokim.from_pretrained("setok/checkpoints/small").eval()
+    with torch.no_grad():
+        features = model.vision.encoder(preprocess(torch.from_numpy(np.stack([it.image for it in eval_items(16, seed=3)]))))
+        ref = model.vision.cluster(features)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            raw = dpc_knn(features, model.cfg.cluster)  # the premise: bf16 distances change the clusters
+            got = model.vision.cluster(features)
+    assert not torch.equal(raw.assignment, ref.assignment)
+    assert torch.equal(got.assignment, ref.assignment) and torch.equal(got.num_tokens, ref.num_tokens)
