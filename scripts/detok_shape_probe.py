@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import time
 
 import numpy as np
@@ -128,6 +129,62 @@ class Refine(torch.nn.Module):
         return image + cells.reshape(b, 3, g * self.patch, g * self.patch)
 
 
+def colour_codebook(model: Setokim, k: int, scenes: int = 256, iters: int = 20) -> torch.Tensor:
+    """(k, 3) object colours in the encoder's normalised pixel space, found by k-means over the
+    object pixels (instance mask > 0) of training scenes: learned from the data, not the generator's palette."""
+    items = item_stream("synthetic", model.cfg.encoder.image_size, 0).batch(FIRST_STEP - 1, scenes)
+    px = preprocess(torch.from_numpy(np.stack([it.image for it in items])), model.cfg.encoder)  # (S, 3, H, W)
+    mask = torch.from_numpy(np.stack([it.instance_mask for it in items])) > 0  # (S, H, W)
+    pts = px.permute(0, 2, 3, 1)[mask]  # (P, 3)
+    centres = pts[torch.randint(len(pts), (1,))]
+    while len(centres) < k:  # farthest-point start: every colour gets a centre
+        centres = torch.cat([centres, pts[torch.cdist(pts, centres).min(1).values.argmax()][None]])
+    for _ in range(iters):
+        near = torch.cdist(pts, centres).argmin(1)
+        centres = torch.stack([pts[near == j].mean(0) for j in range(k)])
+    return centres
+
+
+class Palette(torch.nn.Module):
+    """`--variant palette`: a discrete decoder beside the regression. Per pixel, logits over
+    background + k colour codes (colour_codebook) from the detokenizer's patch features; trained by
+    cross-entropy against the pixel's class (background where the instance mask is 0, else its
+    nearest code). The image is the regression head's where background wins and the code's colour
+    elsewhere: no pixel is ever an average of two colours, so no blended fringe."""
+
+    def __init__(self, detok: Detokenizer, codebook: torch.Tensor, enc):
+        super().__init__()
+        self.detok, self.patch = detok, enc.patch_size
+        self.register_buffer("codebook", codebook)  # (k, 3)
+        w = detok.norm.normalized_shape[0]
+        self.cls = torch.nn.Linear(w, self.patch * self.patch * (len(codebook) + 1))
+        torch.nn.init.zeros_(self.cls.weight)  # step 0: background everywhere, i.e. the regression's image
+        with torch.no_grad():
+            self.cls.bias.copy_(torch.tensor([3.0] + [0.0] * len(codebook)).repeat(self.patch * self.patch))
+
+    def logits(self, tokens: torch.Tensor, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.detok.features(tokens, num_tokens)  # (B, N, W)
+        rgb = unpatchify(self.detok.head(x), self.patch)  # (B, 3, H, W)
+        c = len(self.codebook) + 1
+        b, n, _ = x.shape
+        g, p = math.isqrt(n), self.patch
+        per = self.cls(x).reshape(b, g, g, p, p, c)  # (B, N, p*p*(k+1)) -> (B, G, G, p, p, k+1), as unpatchify lays out a patch
+        lg = per.permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)  # (B, k+1, H, W)
+        return rgb, lg
+
+    def forward(self, tokens: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        rgb, lg = self.logits(tokens, num_tokens)
+        cls = lg.argmax(1)  # (B, H, W)
+        code = self.codebook[(cls - 1).clamp_min(0)].permute(0, 3, 1, 2)  # (B, 3, H, W)
+        return torch.where((cls > 0).unsqueeze(1), code, rgb)
+
+    def loss(self, tokens, num_tokens, px, masks) -> torch.Tensor:
+        rgb, lg = self.logits(tokens, num_tokens)
+        near = torch.cdist(px.permute(0, 2, 3, 1).reshape(-1, 3), self.codebook).argmin(1).reshape(masks.shape) + 1
+        target = torch.where(masks > 0, near, torch.zeros_like(near))  # (B, H, W): 0 background, 1..k codes
+        return torch.nn.functional.mse_loss(rgb, px) + torch.nn.functional.cross_entropy(lg, target)
+
+
 def tokens_of(model: Setokim, images: np.ndarray):
     px = preprocess(torch.from_numpy(images), model.cfg.encoder)
     with torch.no_grad():
@@ -148,14 +205,17 @@ def finetune(model: Setokim, detok: torch.nn.Module, steps: int, batch: int, lr:
              loss_fn=torch.nn.functional.mse_loss) -> list[float]:
     stream = item_stream("synthetic", model.cfg.encoder.image_size, 0)
     # The paint starts at zero colours: its field gets no gradient until they grow, so it has its own rate.
-    paint = [p for n, p in detok.named_parameters() if not n.startswith("detok.")] if isinstance(detok, (Paint, Refine)) else []
+    paint = [p for n, p in detok.named_parameters() if not n.startswith("detok.")] if isinstance(detok, (Paint, Refine, Palette)) else []
     rest = [p for p in detok.parameters() if all(p is not q for q in paint)]
     opt = torch.optim.AdamW([{"params": rest}, {"params": paint, "lr": paint_lr}], lr=lr, weight_decay=0.01)
     losses = []
     for step in tqdm(range(steps), desc="finetune", unit="step"):
         items = stream.batch(FIRST_STEP + step, batch)
         px, tokens, counts = tokens_of(model, np.stack([it.image for it in items]))
-        loss = loss_fn(detok(tokens, counts), px)
+        if isinstance(detok, Palette):
+            loss = detok.loss(tokens, counts, px, torch.from_numpy(np.stack([it.instance_mask for it in items])))
+        else:
+            loss = loss_fn(detok(tokens, counts), px)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(detok.parameters(), 1.0)
@@ -187,8 +247,9 @@ def evaluate(model: Setokim, detok: torch.nn.Module, n: int, seed: int) -> dict[
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
-    ap.add_argument("--variant", choices=["plain", "field", "paint", "refine"], default="field")
+    ap.add_argument("--variant", choices=["plain", "field", "paint", "refine", "palette"], default="field")
     ap.add_argument("--subdiv", type=int, default=4, help="--variant paint: points per patch side")
+    ap.add_argument("--codes", type=int, default=8, help="--variant palette: colour codes (k-means over object pixels)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -216,7 +277,11 @@ def main() -> None:
         detok = Paint(detok if base.field is not None else with_field(base, model.cfg), args.subdiv, model.cfg.encoder)
     if args.variant == "refine":
         detok = Refine(detok, args.subdiv, model.cfg.encoder, model.cfg.merger.token_dim)
+    if args.variant == "palette":
+        detok = Palette(detok, colour_codebook(model, args.codes), model.cfg.encoder)
     detok.requires_grad_(True)
+    if isinstance(detok, Palette):
+        detok.codebook.requires_grad_(False)
     start = time.monotonic()
     result = {"variant": args.variant, "loss": args.loss, "steps": args.steps, "lr": args.lr, "paint_lr": args.paint_lr, "before": evaluate(model, base, args.n, args.seed)}
     log.info("before: %s", result["before"])

@@ -75,6 +75,12 @@ class DetokenizerConfig:
     # was drawn as a round blob (recon_shape 0.28; docs/generation.md "The shape field"). False for
     # checkpoints from before; the presets turn it on.
     shape_field: bool = False
+    # A discrete decoder beside the regression: per pixel, logits over background + `palette` colour
+    # codes (k-means over training scenes' object pixels, learned from the data), and the image is the
+    # regression where background wins and a code's colour elsewhere. An MSE-only head hedges between
+    # colours at edges it is unsure of, and those blended fringes read as extra objects (recon_count
+    # 0.64; docs/generation.md "A discrete colour decoder"). 0: regression only.
+    palette: int = 0
 
 
 @dataclass

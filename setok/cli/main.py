@@ -72,6 +72,9 @@ def main(verbose: bool) -> None:
               help="cpu, cuda, cuda:N or auto (under torchrun, cuda means one GPU per rank).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: autocast the forward passes (weights and optimizer state stay float32).")
+@click.option("--palette", type=int, default=None,
+              help="The detokenizer's colour codes (k-means over the training scenes' object pixels): each pixel is "
+                   "classified as background (regressed) or one code's colour; 0: regression only (the preset's default).")
 @user_errors
 def train(**kw) -> None:
     """Train a Setokim checkpoint (stage 1 vision tokenizer, stage 2 LLM and heads)."""

@@ -46,10 +46,36 @@ class Detokenizer(nn.Module):
                 self.field = nn.Linear(token_dim, cfg.heads * OFFSET_FEATURES)
             nn.init.zeros_(self.field.weight)
             nn.init.zeros_(self.field.bias)
+        self.codes = None
+        if cfg.palette:
+            with torch.random.fork_rng(devices=[]):
+                self.codes = nn.Linear(cfg.width, enc.patch_size * enc.patch_size * (cfg.palette + 1))
+            # Step 0 paints background everywhere, i.e. the regression's image.
+            nn.init.zeros_(self.codes.weight)
+            with torch.no_grad():
+                self.codes.bias.copy_(torch.tensor([3.0] + [0.0] * cfg.palette).repeat(enc.patch_size ** 2))
+            # (palette, 3) in the normalised pixel space; set from data before training (train/palette.py).
+            self.register_buffer("codebook", torch.zeros(cfg.palette, 3))
 
     def forward(self, tokens: Tensor, num_tokens: Tensor) -> Tensor:
         """(B, T, D), (B,) -> image (B, 3, H, W) in the encoder's normalised pixel space."""
-        return unpatchify(self.head(self.features(tokens, num_tokens)), self.patch)  # (B, N, p*p*3) -> (B, 3, H, W)
+        rgb, logits = self.paint(tokens, num_tokens)
+        if logits is None:
+            return rgb
+        cls = logits.argmax(1, keepdim=True)  # (B, 1, H, W): 0 background, 1..k a colour code
+        code = self.codebook[(cls[:, 0] - 1).clamp_min(0)].permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+        return torch.where(cls > 0, code, rgb)
+
+    def paint(self, tokens: Tensor, num_tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The regression's image (B, 3, H, W) and, with a palette, the per-pixel logits over
+        background + codes (B, k+1, H, W): what the losses read."""
+        x = self.features(tokens, num_tokens)  # (B, N, W)
+        rgb = unpatchify(self.head(x), self.patch)  # (B, N, p*p*3) -> (B, 3, H, W)
+        if self.codes is None:
+            return rgb, None
+        b, g, p, c = x.shape[0], rgb.shape[-1] // self.patch, self.patch, self.codebook.shape[0] + 1
+        per = self.codes(x).reshape(b, g, g, p, p, c)  # (B, N, p*p*(k+1)) -> (B, G, G, p, p, k+1), unpatchify's layout
+        return rgb, per.permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)  # (B, k+1, H, W)
 
     def features(self, tokens: Tensor, num_tokens: Tensor) -> Tensor:
         """(B, T, D), (B,) -> (B, N, W): each output patch's normalised feature, before the pixel head."""

@@ -71,3 +71,15 @@ def owner_tokens(assignment: Tensor, labels: Tensor, num_objects: list[int]) -> 
             else:
                 out.append((b, -1))
     return out
+
+
+def reconstruction_loss(rgb: Tensor, logits: Tensor | None, pixels: Tensor, codebook: Tensor | None = None,
+                        masks: Tensor | None = None) -> Tensor:
+    """MSE of the regression's image; with a palette (logits (B, k+1, H, W)) plus the cross-entropy of
+    each pixel's class: background where the instance mask (B, H, W) is 0, else its nearest code."""
+    loss = F.mse_loss(rgb.float(), pixels)
+    if logits is None:
+        return loss
+    near = torch.cdist(pixels.permute(0, 2, 3, 1).reshape(-1, 3), codebook.float()).argmin(1)  # (B*H*W,)
+    target = torch.where(masks > 0, near.reshape(masks.shape) + 1, torch.zeros_like(masks))  # (B, H, W)
+    return loss + F.cross_entropy(logits.float(), target)

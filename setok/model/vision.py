@@ -16,6 +16,7 @@ from setok.config import SetokimConfig
 from setok.model.cluster import Clusters, dpc_knn, every_patch, fixed_topk
 from setok.model.detokenizer import Detokenizer
 from setok.model.encoder import Encoder
+from setok.model.losses import reconstruction_loss
 from setok.model.merger import Merger
 
 
@@ -61,6 +62,11 @@ class VisionTokenizer(nn.Module):
 
     def reconstruct(self, vt: VisionTokens) -> Tensor:
         return self.detokenizer(vt.tokens, vt.clusters.num_tokens)  # (B, 3, H, W)
+
+    def reconstruction_loss(self, vt: VisionTokens, pixels: Tensor, masks: Tensor | None) -> Tensor:
+        """The detokenizer's training loss on the image's own tokens (losses.reconstruction_loss)."""
+        rgb, logits = self.detokenizer.paint(vt.tokens, vt.clusters.num_tokens)
+        return reconstruction_loss(rgb, logits, pixels, getattr(self.detokenizer, "codebook", None), masks)
 
 
 class ClusterOutputs(nn.Module):

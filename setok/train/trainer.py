@@ -52,6 +52,7 @@ from setok.train.distributed import (
     shard,
     sum_counts,
 )
+from setok.train.palette import PALETTE_SCENES, colour_codebook
 from setok.train.sequences import task_sequences
 from setok.train.tau import calibrate_tau
 
@@ -99,6 +100,7 @@ class TrainOptions:
     # cuda:LOCAL_RANK. bf16 autocasts the forward passes (weights and optimizer stay float32).
     device: str = "cpu"
     precision: str = "fp32"
+    palette: int | None = None  # the detokenizer's colour codes (None: the preset's)
 
 
 def train_device(name: str, dist: Dist) -> torch.device:
@@ -143,6 +145,10 @@ def train(opts: TrainOptions) -> Path:
         cfg.encoder = tower_config(cfg.encoder, opts.encoder_path)  # image size, patch grid, normalisation
     cfg.encoder.freeze = opts.freeze_encoder
     cfg.place_head = opts.place_head
+    if opts.palette is not None:
+        if not 0 <= opts.palette <= 64:
+            raise InputError(f"--palette {opts.palette}: expected 0 (off) to 64 colour codes")
+        cfg.detokenizer.palette = opts.palette
     if opts.place_steps is not None and opts.place_steps < 1:
         raise InputError(f"--place-steps {opts.place_steps}: expected at least 1 (the head would never train)")
     if opts.place_lr is not None and not 0 < opts.place_lr <= 10:
@@ -213,6 +219,15 @@ class Trainer:
         self.opt = self._optimizer(state["stage"])
         if state["step"] > 0 or state["stage"] > 1:
             self._load_optimizer()
+        elif self.cfg.detokenizer.palette:
+            self._palette()
+
+    def _palette(self) -> None:
+        """The detokenizer's colour codes from a fixed set of training scenes, before step 0."""
+        items = self.stream.batch(10**6 + 1, PALETTE_SCENES)
+        codes = colour_codebook(items, self.cfg.encoder, self.cfg.detokenizer.palette)
+        self.model.vision.detokenizer.codebook.copy_(codes.to(self.device))
+        log.info("palette: %d colour codes from %d scenes", len(codes), len(items))
 
     def _optimizer(self, stage: int) -> torch.optim.Optimizer:
         if stage == 1:
@@ -290,15 +305,20 @@ class Trainer:
         px = self._pixels(items)
         with self._autocast():
             vt = self.model.vision(px)
-            losses = {"recon": torch.nn.functional.mse_loss(self.model.vision.reconstruct(vt).float(), px)}
-            if self.stream.has_masks:
-                masks = torch.from_numpy(np.stack([it.instance_mask for it in items])).to(self.device)
+            masks = self._masks(items)
+            losses = {"recon": self.model.vision.reconstruction_loss(vt, px, masks)}
+            if masks is not None:
                 labels = patch_labels(masks, self.cfg.encoder.patch_size)
                 losses["group"] = grouping_loss(vt.content, labels)
                 losses["concept"] = self._concept_loss(vt, items, labels)
             else:
                 losses["concept"] = self._caption_contrast(vt, items)
         return self._apply(losses)
+
+    def _masks(self, items: list[TrainItem]) -> torch.Tensor | None:
+        if not self.stream.has_masks:
+            return None
+        return torch.from_numpy(np.stack([it.instance_mask for it in items])).to(self.device)  # (B, H, W)
 
     def _pixels(self, items: list[TrainItem]) -> torch.Tensor:
         images = torch.from_numpy(np.stack([it.image for it in items]))  # (B, H, W, 3) uint8 on the host
@@ -340,7 +360,7 @@ class Trainer:
         with self._autocast():
             if self.opts.tune_merger:
                 vt = self.model.vision(px, encoder_grad=False)
-                extra["recon"] = torch.nn.functional.mse_loss(self.model.vision.reconstruct(vt).float(), px)
+                extra["recon"] = self.model.vision.reconstruction_loss(vt, px, self._masks([it for _, it in indexed]))
             else:
                 with torch.no_grad():
                     vt = self.model.vision(px)
@@ -401,7 +421,7 @@ class Trainer:
             return
         state = dict(self.state, finished=final, preset=self.opts.preset, seed=self.opts.seed,
                      data=self.opts.data, steps=list(self.steps), tune_merger=self.opts.tune_merger,
-                     place_steps=self.opts.place_steps, place_lr=self.opts.place_lr)
+                     place_steps=self.opts.place_steps, place_lr=self.opts.place_lr, precision=self.opts.precision)
         self.model.save_pretrained(self.opts.out, extra=state, optimizer=None if final else self._opt_tensors())
         log.info("checkpoint: %s (stage %s step %s)", self.opts.out, state["stage"], state["step"])
         barrier(self.dist)
