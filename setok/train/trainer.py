@@ -216,6 +216,9 @@ class Trainer:
         self.batch = opts.batch_size or PRESET_BATCH[opts.preset]
         self.lr = PRESET_LR[opts.preset]
         self.concept = ConceptContrast(self.cfg.merger.token_dim, len(model.tok)).to(self.device)
+        if self.cfg.detokenizer.palette and not stream.has_masks:
+            # The codes' cross-entropy reads each pixel's instance mask (a resumed palette run too).
+            raise InputError("a --palette detokenizer trains on instance masks (the synthetic scenes); this data has none")
         self.opt = self._optimizer(state["stage"])
         if state["step"] > 0 or state["stage"] > 1:
             self._load_optimizer()

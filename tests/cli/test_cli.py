@@ -55,6 +55,18 @@ def test_user_errors_are_one_line_exit_2(args, needle, tmp_path):
     assert not (tmp_path / "x").exists(), "nothing half-written"
 
 
+def test_palette_on_captioned_photos_is_refused_before_training(tmp_path):
+    """--palette learns each pixel's class from instance masks, which a captions folder has none of."""
+    photos = _photos(tmp_path / "photos")
+    rows = [json.dumps({"image": p.name, "text": "a photo"}) for p in sorted(photos.iterdir())]
+    (photos / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    proc = setok("train", "--preset", "tiny", "--out", tmp_path / "x", "--steps", 4, "--data", photos,
+                 "--palette", 4, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "instance masks" in lines[0], proc.stderr
+    assert not (tmp_path / "x").exists(), "nothing half-written"
+
+
 def test_corrupt_checkpoint_is_a_clean_error(tiny_ckpt, tmp_path):
     import shutil
 

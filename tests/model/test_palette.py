@@ -98,3 +98,19 @@ def test_a_palette_detokenizer_exports_and_onnx_runtime_paints_the_same_pixels(t
     codes = model.vision.detokenizer.codebook.numpy()  # (k, 3)
     painted = np.isclose(got.transpose(0, 2, 3, 1)[..., None, :], codes).all(-1).any(-1)  # (B, H, W)
     assert 0.05 < painted.mean() < 0.95  # the graph paints codes and regressed pixels both
+
+
+def test_a_resumed_palette_run_on_data_without_masks_is_refused(tmp_path):
+    """The codes' cross-entropy reads instance masks: a palette checkpoint resumed on a captions folder
+    stops before its first step (a fresh run is refused by colour_codebook, before step 0)."""
+    from PIL import Image
+
+    from setok.train.trainer import Trainer, TrainOptions
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(folder / "a.png")
+    (folder / "captions.jsonl").write_text('{"image": "a.png", "text": "a red photo"}\n')
+    stream = item_stream(str(folder), 64, 0)
+    with pytest.raises(InputError, match="--palette detokenizer trains on instance masks"):
+        Trainer(palette_model(4), TrainOptions(out=tmp_path / "x"), stream, {"stage": 1, "step": 200, "elapsed": 0.0})
