@@ -68,7 +68,7 @@ def test_the_segment_box_and_centroid_are_the_objects_in_frame_pixels(shipped, g
     # Against the objects, over scenes: the model may segment one upscaled, bordered scene worse than
     # its 64x64 original (the palette checkpoint: one of ten at IoU 0.83, centroid 14 px off).
     assert np.median(errors) <= 4, errors  # pixels of a 640x480 frame
-    assert np.median(off) < 8 and sum(o >= 8 for o in off) <= 1, off
+    assert sum(o >= 8 for o in off) <= 1, off  # centroids within 8 px in nine of ten
 
 
 def test_the_mapping_is_recorded_and_matches_the_crop():
