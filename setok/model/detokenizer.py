@@ -63,7 +63,10 @@ class Detokenizer(nn.Module):
         if logits is None:
             return rgb
         cls = logits.argmax(1, keepdim=True)  # (B, 1, H, W): 0 background, 1..k a colour code
-        code = self.codebook[(cls[:, 0] - 1).clamp_min(0)].permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+        # Row 0 is a placeholder for background, so the class indexes the table as it is: an integer
+        # Sub/Clip on the indices is INT64 Clip in ONNX, which TensorRT's Clip does not take.
+        table = torch.cat([self.codebook.new_zeros(1, 3), self.codebook])  # (k+1, 3)
+        code = table[cls[:, 0]].permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
         return torch.where(cls > 0, code, rgb)
 
     def paint(self, tokens: Tensor, num_tokens: Tensor) -> tuple[Tensor, Tensor | None]:

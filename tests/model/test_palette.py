@@ -100,6 +100,18 @@ def test_a_palette_detokenizer_exports_and_onnx_runtime_paints_the_same_pixels(t
     assert 0.05 < painted.mean() < 0.95  # the graph paints codes and regressed pixels both
 
 
+def test_the_palette_graph_takes_only_types_tensorrt_lists_for_its_ops(tmp_path):
+    """The codes are looked up by the argmax class itself: integer arithmetic on the indices was an
+    INT64 Clip in the graph, a type TensorRT's Clip does not list."""
+    from setok.backends.trt.lint import lint_bundle
+    from setok.export.onnx import export_bundle
+
+    palette_model().save_pretrained(tmp_path / "ck")
+    bundle = export_bundle(tmp_path / "ck", tmp_path / "bundle")
+    detok = [f for f in lint_bundle(bundle) if f.stage == "detokenizer"]
+    assert not [f for f in detok if f.severity == "error" or "not in the table's types" in f.message], detok
+
+
 def test_a_resumed_palette_run_on_data_without_masks_is_refused(tmp_path):
     """The codes' cross-entropy reads instance masks: a palette checkpoint resumed on a captions folder
     stops before its first step (a fresh run is refused by colour_codebook, before step 0)."""
