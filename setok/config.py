@@ -113,6 +113,10 @@ class SetokimConfig:
     # `setok train --place-head`; off for checkpoints saved before it existed and, until a shipped
     # checkpoint is retrained with it, in the presets.
     place_head: bool = False
+    # Real tokens of training scenes that each generated token's content snaps to (its nearest; the
+    # regression alone gives averaged, blended objects; setok/model/bank.py). The number of tokens;
+    # 0: none. Set from data by `setok bank` or `setok train --token-bank N`, never by a preset.
+    token_bank: int = 0
     preset: str = "custom"
 
     def to_dict(self) -> dict[str, Any]:

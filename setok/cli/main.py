@@ -75,6 +75,9 @@ def main(verbose: bool) -> None:
 @click.option("--palette", type=int, default=None,
               help="The detokenizer's colour codes (k-means over the training scenes' object pixels): each pixel is "
                    "classified as background (regressed) or one code's colour; 0: regression only (the preset's default).")
+@click.option("--token-bank", type=click.IntRange(0), default=0, show_default=True,
+              help="After the last step, keep this many of the model's own tokens of training scenes; each "
+                   "generated token's content snaps to its nearest (0: none; `setok bank` adds one later).")
 @user_errors
 def train(**kw) -> None:
     """Train a Setokim checkpoint (stage 1 vision tokenizer, stage 2 LLM and heads)."""
@@ -83,6 +86,21 @@ def train(**kw) -> None:
 
     out = run(TrainOptions(**kw))
     click.echo(f"checkpoint written to {out}")
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write here (default: CKPT, in place).")
+@click.option("--size", type=click.IntRange(1), default=16384, show_default=True, help="Tokens in the bank.")
+@click.option("--scenes", type=click.IntRange(1), default=2000, show_default=True, help="Training scenes to draw them from.")
+@click.option("--data", default="synthetic", show_default=True, help="'synthetic' or a folder with captions.jsonl.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The training stream's seed.")
+@user_errors
+def bank(ckpt: Path, out: Path | None, size: int, scenes: int, data: str, seed: int) -> None:
+    """Add a token bank to a trained checkpoint: generated tokens snap to the nearest real one."""
+    from setok.train.bank import add_bank
+
+    click.echo(f"checkpoint written to {add_bank(_checkpoint(ckpt), out, data, size, scenes, seed)}")
 
 
 @main.command("eval")

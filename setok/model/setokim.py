@@ -29,6 +29,7 @@ from setok.errors import CheckpointError
 from setok.io import atomic_dir
 from setok.manifest import split_prompt
 from setok.model import text as T
+from setok.model.bank import TokenBank
 from setok.model.vision import VisionTokenizer
 
 # Templates; {image} is where the vision tokens go (see setok.manifest.split_prompt).
@@ -170,17 +171,18 @@ def cell_of(xy: Tensor) -> Tensor:
 
 class TokenHead(nn.Module):
     """The regress_head stage: hidden states at <target> slots -> vision tokens; with a place head,
-    its position replaces the regressed dims 0-1 (a token's centroid)."""
+    its position replaces the regressed dims 0-1 (a token's centroid); with a token bank, the rest
+    snaps to the nearest real token's."""
 
     def __init__(self, model: Setokim):
         super().__init__()
-        self.regress, self.place = model.regress, model.place
+        self.regress, self.place, self.bank = model.regress, model.place, model.bank
 
     def forward(self, h: Tensor) -> Tensor:
         tokens = self.regress(h)  # (K, D)
-        if self.place is None:
-            return tokens
-        return torch.cat([self.place.place(h), tokens[:, 2:]], -1)  # (K, 2) + (K, D - 2)
+        if self.place is not None:
+            tokens = torch.cat([self.place.place(h), tokens[:, 2:]], -1)  # (K, 2) + (K, D - 2)
+        return tokens if self.bank is None else self.bank(tokens)
 
 
 class Setokim(nn.Module):
@@ -203,6 +205,7 @@ class Setokim(nn.Module):
         # (built inline, its draws had moved stage 1 to another tau: 9.3 tokens per image, not 8.2).
         with torch.random.fork_rng(devices=[]):
             self.place = PlaceHead(hidden) if cfg.place_head else None
+        self.bank = TokenBank(cfg.token_bank, d) if cfg.token_bank else None
         self.ids = T.special_ids(tokenizer)
 
     @property

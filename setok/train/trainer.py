@@ -40,6 +40,7 @@ from setok.model.setokim import (
     REFER_PROMPT,
     Setokim,
 )
+from setok.train.bank import attach_bank, bank_tokens
 from setok.train.distributed import (
     Dist,
     agree,
@@ -101,6 +102,7 @@ class TrainOptions:
     device: str = "cpu"
     precision: str = "fp32"
     palette: int | None = None  # the detokenizer's colour codes (None: the preset's)
+    token_bank: int = 0  # real tokens for generation to snap to, drawn after the last step (0: none)
 
 
 def train_device(name: str, dist: Dist) -> torch.device:
@@ -149,6 +151,8 @@ def train(opts: TrainOptions) -> Path:
         if not 0 <= opts.palette <= 64:
             raise InputError(f"--palette {opts.palette}: expected 0 (off) to 64 colour codes")
         cfg.detokenizer.palette = opts.palette
+    if opts.token_bank < 0:
+        raise InputError(f"--token-bank {opts.token_bank}: expected 0 (none) or a number of tokens")
     if opts.place_steps is not None and opts.place_steps < 1:
         raise InputError(f"--place-steps {opts.place_steps}: expected at least 1 (the head would never train)")
     if opts.place_lr is not None and not 0 < opts.place_lr <= 10:
@@ -422,6 +426,8 @@ class Trainer:
         if not self.dist.main:  # rank 0 writes; the others wait so nobody reads a half-saved step
             barrier(self.dist)
             return
+        if final and self.opts.token_bank:
+            attach_bank(self.model, bank_tokens(self.model, self.stream, self.opts.token_bank, seed=self.opts.seed, strict=False))
         state = dict(self.state, finished=final, preset=self.opts.preset, seed=self.opts.seed,
                      data=self.opts.data, steps=list(self.steps), tune_merger=self.opts.tune_merger,
                      place_steps=self.opts.place_steps, place_lr=self.opts.place_lr, precision=self.opts.precision)
