@@ -9,7 +9,8 @@ scenes with `setok eval`'s own batch evaluation. docs/generation.md "The token b
         --variants none,raw,std,rand1024,km1024,md1024,km256 [--scenes 2000] [--seeds 0,1,2]
 
 Variants: none (plain regression), raw (every bank token, plain L2), std (every bank token),
-randK (K drawn at random), kmK (K k-means centres), mdK (the real token nearest each centre).
+randK (K drawn at random), kmK (K k-means centres), mdK (the real token nearest each centre),
+pureP (the tokens whose patches are at least P % one instance or the background).
 """
 
 from __future__ import annotations
@@ -24,19 +25,26 @@ import torch
 from setok.data.items import eval_items, item_stream
 from setok.eval import evaluation as E
 from setok.model.encoder import preprocess
+from setok.model.losses import patch_labels
 from setok.model.setokim import Setokim
 
 KEYS = ("gen_colour", "gen_position", "gen_count", "gen_shape", "gen_all", "gen_psnr")
 
 
-def all_tokens(model: Setokim, scenes: int) -> torch.Tensor:
-    """(sum of tokens, D) of `scenes` training scenes (seed-0 stream, batches 0, 1, ...)."""
-    stream, out = item_stream("synthetic", model.cfg.encoder.image_size, 0), []
+def all_tokens(model: Setokim, scenes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of tokens, D) of `scenes` training scenes (seed-0 stream, batches 0, 1, ...), and each
+    token's purity: the largest share of its patches that one instance (or the background) holds."""
+    stream, out, purity = item_stream("synthetic", model.cfg.encoder.image_size, 0), [], []
     for b in range(scenes // 100):
         items = stream.batch(b, 100)
         vt = model.vision(preprocess(torch.from_numpy(np.stack([it.image for it in items])), model.cfg.encoder))
-        out += [t[:k] for t, k in zip(vt.tokens, vt.clusters.num_tokens.tolist())]
-    return torch.cat(out)
+        labels = patch_labels(torch.from_numpy(np.stack([it.instance_mask for it in items])), model.cfg.encoder.patch_size)
+        for t, k, a, lab in zip(vt.tokens, vt.clusters.num_tokens.tolist(), vt.clusters.assignment, labels):
+            out.append(t[:k])
+            for j in range(k):
+                mine = lab[a == j]  # (patches of token j,) instance ids
+                purity.append(torch.bincount(mine).max().item() / max(len(mine), 1) if len(mine) else 0.0)
+    return torch.cat(out), torch.tensor(purity)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 15) -> torch.Tensor:
@@ -47,11 +55,13 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 15) -> torch.Tensor:
     return c
 
 
-def codes(variant: str, bank: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def codes(variant: str, bank: torch.Tensor, std: torch.Tensor, purity: torch.Tensor) -> torch.Tensor:
     """(C, D - 2) the variant's bank content, unscaled."""
     content = bank[:, 2:]
     if variant in ("raw", "std"):
         return content
+    if variant.startswith("pure"):  # pureP: the tokens whose purity is at least P %
+        return content[purity >= int(variant[4:]) / 100]
     kind, k = re.fullmatch(r"(rand|km|md)(\d+)", variant).groups()
     k = int(k)
     if kind == "rand":
@@ -83,20 +93,20 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model = Setokim.from_pretrained(args.ckpt)
     model.bank = None  # the checkpoint's own bank off: the variants replace it
-    bank = all_tokens(model, args.scenes)
+    bank, purity = all_tokens(model, args.scenes)
     std = bank[:, 2:].std(0) + 1e-6
     plain = Setokim.generate_tokens
     for seed in map(int, args.seeds.split(",")):
         items = eval_items(args.n, seed, model.cfg.encoder.image_size)
         for v in args.variants.split(","):
-            table = None if v == "none" else codes(v, bank, std)
+            table = None if v == "none" else codes(v, bank, std, purity)
             Setokim.generate_tokens = plain if table is None else snapped(plain, table, torch.ones_like(std) if v == "raw" else std)
             rows: dict[str, list[float]] = {}
             for i in range(0, args.n, 50):
                 for k, vals in E.evaluate_batch(model, items[i:i + 50]).items():
                     rows.setdefault(k, []).extend(vals)
             r = E.summarize(rows)
-            print(json.dumps({"seed": seed, "variant": v, "bank": len(bank), **{k: round(r[k], 3) for k in KEYS}}))
+            print(json.dumps({"seed": seed, "variant": v, "bank": len(bank) if table is None else len(table), **{k: round(r[k], 3) for k in KEYS}}))
 
 
 if __name__ == "__main__":
