@@ -95,12 +95,13 @@ def train(**kw) -> None:
 @click.option("--scenes", type=click.IntRange(1), default=2000, show_default=True, help="Training scenes to draw them from.")
 @click.option("--data", default="synthetic", show_default=True, help="'synthetic' or a folder with captions.jsonl.")
 @click.option("--seed", type=int, default=0, show_default=True, help="The training stream's seed.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto: where the tokens are drawn.")
 @user_errors
-def bank(ckpt: Path, out: Path | None, size: int, scenes: int, data: str, seed: int) -> None:
+def bank(ckpt: Path, out: Path | None, size: int, scenes: int, data: str, seed: int, device: str) -> None:
     """Add a token bank to a trained checkpoint: generated tokens snap to the nearest real one."""
     from setok.train.bank import add_bank
 
-    click.echo(f"checkpoint written to {add_bank(_checkpoint(ckpt), out, data, size, scenes, seed)}")
+    click.echo(f"checkpoint written to {add_bank(_checkpoint(ckpt), out, data, size, scenes, seed, device)}")
 
 
 @main.command("eval")

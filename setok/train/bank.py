@@ -64,16 +64,20 @@ def attach_bank(model, tokens: torch.Tensor) -> None:
 
 
 def add_bank(ckpt: Path, out: Path | None = None, data: str = "synthetic", size: int = BANK_SIZE,
-             scenes: int = BANK_SCENES, seed: int = 0) -> Path:
+             scenes: int = BANK_SCENES, seed: int = 0, device: str = "cpu") -> Path:
     """`setok bank`: a checkpoint with a token bank built from its own training data (seed: the
     training stream's; a bank already there is replaced). Written atomically to `out` (default: in place)."""
     import json
 
     from setok.model.setokim import Setokim
+    from setok.train.distributed import Dist
+    from setok.train.trainer import train_device
 
-    model = Setokim.from_pretrained(ckpt)
+    dev = train_device(device, Dist())  # the user's --device checked before the checkpoint is read
+    model = Setokim.from_pretrained(ckpt).to(dev)
     stream = item_stream(data, model.cfg.encoder.image_size, seed)
     attach_bank(model, bank_tokens(model, stream, size, scenes, seed))
+    model.cpu()
     state = ckpt / "training_state.json"
     extra = json.loads(state.read_text()) if state.is_file() else None
     out = out or ckpt

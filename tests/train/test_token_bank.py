@@ -85,6 +85,8 @@ def test_setok_bank_refuses_a_bank_larger_than_its_scenes_give_and_leaves_the_ch
         proc = setok("bank", ck, "--size", size, "--scenes", scenes)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and last.startswith("error: token bank") and says in last, proc.stderr
+    bad = setok("bank", ck, "--device", "gpu0")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --device gpu0"), bad.stderr
     assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
 
 
