@@ -70,8 +70,7 @@ def add_bank(ckpt: Path, out: Path | None = None, data: str = "synthetic", size:
     import json
 
     from setok.model.setokim import Setokim
-    from setok.train.distributed import Dist
-    from setok.train.trainer import train_device
+    from setok.train.distributed import Dist, train_device
 
     dev = train_device(device, Dist())  # the user's --device checked before the checkpoint is read
     model = Setokim.from_pretrained(ckpt).to(dev)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from setok.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +155,22 @@ def barrier(d: Dist) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def train_device(name: str, dist: Dist) -> torch.device:
+    """The device the steps run on; a CUDA request without a visible GPU is the user's error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise InputError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {name}: torch {torch.__version__} sees no CUDA device; expected cpu or auto here")
+    if name == "cuda" and dist.active:
+        name = f"cuda:{dist.local_rank}"  # one GPU per torchrun rank
+    dev = torch.device(name)
+    if (dev.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    torch.cuda.set_device(dev)
+    return dev

@@ -52,6 +52,7 @@ from setok.train.distributed import (
     mean_scalar,
     shard,
     sum_counts,
+    train_device,
 )
 from setok.train.palette import PALETTE_SCENES, colour_codebook
 from setok.train.sequences import task_sequences
@@ -103,25 +104,6 @@ class TrainOptions:
     precision: str = "fp32"
     palette: int | None = None  # the detokenizer's colour codes (None: the preset's)
     token_bank: int = 0  # real tokens for generation to snap to, drawn after the last step (0: none)
-
-
-def train_device(name: str, dist: Dist) -> torch.device:
-    """The device the steps run on; a CUDA request without a visible GPU is the user's error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise InputError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
-    if name == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise InputError(f"--device {name}: torch {torch.__version__} sees no CUDA device; expected cpu or auto here")
-    if name == "cuda" and dist.active:
-        name = f"cuda:{dist.local_rank}"  # one GPU per torchrun rank
-    dev = torch.device(name)
-    if (dev.index or 0) >= torch.cuda.device_count():
-        raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    torch.cuda.set_device(dev)
-    return dev
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
