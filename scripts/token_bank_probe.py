@@ -101,11 +101,7 @@ def main() -> None:
         for v in args.variants.split(","):
             table = None if v == "none" else codes(v, bank, std, purity)
             Setokim.generate_tokens = plain if table is None else snapped(plain, table, torch.ones_like(std) if v == "raw" else std)
-            rows: dict[str, list[float]] = {}
-            for i in range(0, args.n, 50):
-                for k, vals in E.evaluate_batch(model, items[i:i + 50]).items():
-                    rows.setdefault(k, []).extend(vals)
-            r = E.summarize(rows)
+            r = E.summarize(E.evaluate_rows(model, items))
             print(json.dumps({"seed": seed, "variant": v, "bank": len(bank) if table is None else len(table), **{k: round(r[k], 3) for k in KEYS}}))
 
 

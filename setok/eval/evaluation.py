@@ -49,18 +49,23 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 500, seed: int = 0, batch: in
     model = Setokim.from_pretrained(ckpt)
     items = eval_items(n, seed, model.cfg.encoder.image_size)
     start = time.monotonic()
-    rows: dict[str, list[float]] = {}
-    from tqdm.auto import tqdm
-
-    for i in tqdm(range(0, n, batch), desc="eval", unit="batch", dynamic_ncols=True):
-        for key, values in evaluate_batch(model, items[i : i + batch]).items():
-            rows.setdefault(key, []).extend(values)
-    result = summarize(rows)
+    result = summarize(evaluate_rows(model, items, batch))
     result["pixel_dpc_fg_ari"] = pixel_dpc_fg_ari(items, model.cfg)
     result["gen_ceiling_psnr"] = gen_ceiling_psnr([it.caption for it in items], [it.image for it in items])
     result.update(patches=model.cfg.encoder.num_patches, n=n, seed=seed, tokenizer=model.cfg.tokenizer,
                   tau=model.cfg.cluster.tau, eval_seconds=round(time.monotonic() - start, 1))
     return result
+
+
+def evaluate_rows(model: Setokim, items: list[TrainItem], batch: int = 50) -> dict[str, list[float]]:
+    """Every key's per-scene (or per-object) values over `items`, `batch` scenes at a time."""
+    from tqdm.auto import tqdm
+
+    rows: dict[str, list[float]] = {}
+    for i in tqdm(range(0, len(items), batch), desc="eval", unit="batch", dynamic_ncols=True):
+        for key, values in evaluate_batch(model, items[i : i + batch]).items():
+            rows.setdefault(key, []).extend(values)
+    return rows
 
 
 def summarize(rows: dict[str, list[float]]) -> dict:

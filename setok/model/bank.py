@@ -8,7 +8,7 @@ but its centroid, dims 0-1, which the place head or the regression sets) onto th
 real image produced makes each generated object one that some real object was. Distances are
 measured per dimension in units of the bank's own spread, so no wide dimension decides alone.
 Measured on the shipped checkpoint, 500 held-out scenes on each of three seeds: gen_count 0.57-0.66
--> 0.72-0.78, gen_colour 0.84-0.86 -> 0.88-0.90 (docs/generation.md "The token bank").
+-> 0.75-0.79, gen_colour 0.84-0.86 -> 0.88-0.91 (docs/generation.md "The token bank").
 """
 
 from __future__ import annotations

@@ -82,12 +82,19 @@ def test_reconstruction_loss_adds_the_pixel_classes_cross_entropy():
     assert reconstruction_loss(rgb, None, pixels) == 0
 
 
-def test_a_palette_detokenizer_exports_and_onnx_runtime_paints_the_same_pixels(tmp_path):
+@pytest.fixture(scope="module")
+def palette_export(tmp_path_factory):
+    """A palette model and its bundle (export validates every stage against PyTorch)."""
     from setok.export.onnx import export_bundle
 
+    root = tmp_path_factory.mktemp("palette")
     model = palette_model()
-    model.save_pretrained(tmp_path / "ck")
-    bundle = export_bundle(tmp_path / "ck", tmp_path / "bundle")  # validates every stage against PyTorch
+    model.save_pretrained(root / "ck")
+    return model, export_bundle(root / "ck", root / "bundle")
+
+
+def test_a_palette_detokenizer_exports_and_onnx_runtime_paints_the_same_pixels(palette_export):
+    model, bundle = palette_export
     px = preprocess(torch.from_numpy(np.stack([it.image for it in eval_items(2, seed=4)])))
     with torch.no_grad():
         vt = model.vision(px)
@@ -100,14 +107,12 @@ def test_a_palette_detokenizer_exports_and_onnx_runtime_paints_the_same_pixels(t
     assert 0.05 < painted.mean() < 0.95  # the graph paints codes and regressed pixels both
 
 
-def test_the_palette_graph_takes_only_types_tensorrt_lists_for_its_ops(tmp_path):
+def test_the_palette_graph_takes_only_types_tensorrt_lists_for_its_ops(palette_export):
     """The codes are looked up by the argmax class itself: integer arithmetic on the indices was an
     INT64 Clip in the graph, a type TensorRT's Clip does not list."""
     from setok.backends.trt.lint import lint_bundle
-    from setok.export.onnx import export_bundle
 
-    palette_model().save_pretrained(tmp_path / "ck")
-    bundle = export_bundle(tmp_path / "ck", tmp_path / "bundle")
+    bundle = palette_export[1]
     detok = [f for f in lint_bundle(bundle) if f.stage == "detokenizer"]
     assert not [f for f in detok if f.severity == "error" or "not in the table's types" in f.message], detok
 
