@@ -117,6 +117,10 @@ class SetokimConfig:
     # regression alone gives averaged, blended objects; setok/model/bank.py). The number of tokens;
     # 0: none. Set from data by `setok bank` or `setok train --token-bank N`, never by a preset.
     token_bank: int = 0
+    # Each <target> slot after the first also reads the token generated at the slot before it
+    # (through the projector, added to the <target> embedding): without it every slot is a function
+    # of the caption and its index alone, blind to what was drawn (docs/generation.md).
+    gen_feedback: bool = False
     preset: str = "custom"
 
     def to_dict(self) -> dict[str, Any]:

@@ -104,6 +104,22 @@ def bank(ckpt: Path, out: Path | None, size: int, scenes: int, data: str, seed: 
     click.echo(f"checkpoint written to {add_bank(_checkpoint(ckpt), out, data, size, scenes, seed, device)}")
 
 
+@main.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Write the fine-tuned checkpoint here.")
+@click.option("--steps", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, 1e-2, min_open=True), default=3e-4, show_default=True, help="Peak rate of the cosine (to a tenth of it).")
+@click.option("--batch", type=click.IntRange(1), default=32, show_default=True, help="Images per step.")
+@click.option("--seed", type=int, default=321, show_default=True, help="The scene stream's seed.")
+@click.option("--data", default="synthetic", show_default=True, help="'synthetic' or a folder with captions.jsonl.")
+@user_errors
+def finetune(ckpt: Path, out: Path, steps: int, lr: float, batch: int, seed: int, data: str) -> None:
+    """A second cosine cycle of every stage-2 loss over a trained checkpoint, vision frozen."""
+    from setok.train.finetune import finetune as run
+
+    click.echo(f"checkpoint written to {run(_checkpoint(ckpt), out, steps, lr, batch, seed, data)}")
+
+
 @main.command("eval")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the metrics here.")

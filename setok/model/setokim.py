@@ -6,7 +6,8 @@ Sequences (one per image and task):
   caption  <bos> <im_start> V.. <im_end> caption           -> caption <eos>
   answer   <bos> question Q <im_start> V.. <im_end> answer -> A <eos>
   refer    <bos> find E <im_start> V.. <im_end>            (last hidden state scores each V)
-  generate <bos> draw CAPTION -> <im_start> <target>.. <im_end> <eos>  (hidden at <target> -> V)
+  generate <bos> draw CAPTION -> <im_start> <target>.. <im_end> <eos>  (hidden at <target> -> V;
+           with cfg.gen_feedback, <target> j > 0 also reads V j - 1 through the projector)
 
 The question (and the expression) come before the image so that every vision token is read
 knowing what is asked: with the question after the image, a 4-layer LLM must find the object
@@ -247,8 +248,22 @@ class Setokim(nn.Module):
         if vision:
             embeds = embeds.clone()
             embeds[slots] = self.projector(torch.cat(vision, 0)).to(embeds.dtype)
+        if self.cfg.gen_feedback:
+            embeds = self._feed_back(embeds, ids, seqs)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (S, L): positions count real tokens only
         return Batch(embeds, mask, pos, ids, sup, [len(s.ids) for s in seqs], seqs)
+
+    def _feed_back(self, embeds: Tensor, ids: Tensor, seqs: list[Sequence]) -> Tensor:
+        """Teacher forcing of gen_feedback: <target> slot j > 0 also reads the true token j - 1."""
+        rows = [i for i, s in enumerate(seqs) if s.targets is not None and len(s.targets) > 1]
+        if not rows:
+            return embeds
+        at = [(ids[i] == self.ids[T.TARGET]).nonzero()[1:, 0] for i in rows]  # slots 1.. of each row
+        r = torch.cat([torch.full_like(a, i) for i, a in zip(rows, at)])
+        prev = torch.cat([seqs[i].targets[:-1] for i in rows])  # (sum K - 1, D)
+        embeds = embeds.clone()
+        embeds[r, torch.cat(at)] += self.projector(prev).to(embeds.dtype)
+        return embeds
 
     def hidden(self, batch: Batch) -> tuple[Tensor, Tensor]:
         out = self.llm(
@@ -319,9 +334,10 @@ class Setokim(nn.Module):
 
     # ---- inference ---------------------------------------------------------------------------
     @torch.no_grad()
-    def greedy(self, seqs: list[Sequence], max_new_tokens: int, keep_hidden: bool = False):
+    def greedy(self, seqs: list[Sequence], max_new_tokens: int, keep_hidden: bool = False, feedback: bool = False):
         """Batched greedy decode with the KV cache. Returns new ids per sequence (and the
-        last-layer hidden state of each fed-back token when keep_hidden)."""
+        last-layer hidden state of each fed-back token when keep_hidden). `feedback`: each fed
+        <target> after a row's first carries that row's last generated token (cfg.gen_feedback)."""
         batch = self.collate(seqs, left_pad=True)
         out = self.llm(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, use_cache=True, output_hidden_states=keep_hidden)
@@ -329,6 +345,8 @@ class Setokim(nn.Module):
         done = torch.zeros(len(seqs), dtype=torch.bool, device=batch.embeds.device)
         new_ids, hiddens = [[] for _ in seqs], [[] for _ in seqs]
         logits = out.logits[:, -1]
+        prev = torch.zeros(len(seqs), self.cfg.merger.token_dim, device=batch.embeds.device) if feedback else None
+        has_prev = torch.zeros_like(done)
         for _ in range(max_new_tokens):
             nxt = logits.argmax(-1)  # (S,)
             for i in range(len(seqs)):
@@ -340,9 +358,17 @@ class Setokim(nn.Module):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = pos + 1
             emb = self.llm.get_input_embeddings()(nxt).unsqueeze(1)  # (S, 1, H)
+            is_target = nxt == self.ids[T.TARGET]
+            if feedback and (is_target & has_prev).any():
+                fed = is_target & has_prev
+                emb = emb.clone()
+                emb[fed, 0] += self.projector(prev[fed]).to(emb.dtype)
             out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                           past_key_values=past, use_cache=True, output_hidden_states=keep_hidden)
+                           past_key_values=past, use_cache=True, output_hidden_states=keep_hidden or feedback)
             past, logits = out.past_key_values, out.logits[:, -1]
+            if feedback and is_target.any():
+                prev[is_target] = TokenHead(self)(out.hidden_states[-1][is_target, -1].float())
+                has_prev |= is_target
             if keep_hidden:
                 for i in range(len(seqs)):
                     if len(hiddens[i]) < len(new_ids[i]):
@@ -377,7 +403,7 @@ class Setokim(nn.Module):
         """Text -> vision tokens (B, T, D) and their count: the LLM chooses how many."""
         seqs = [self.generation_prefix(c) for c in captions]
         t_max = self.cfg.max_tokens
-        new_ids, hiddens = self.greedy(seqs, t_max + 3, keep_hidden=True)
+        new_ids, hiddens = self.greedy(seqs, t_max + 3, keep_hidden=True, feedback=self.cfg.gen_feedback)
         d = self.cfg.merger.token_dim
         tokens = torch.zeros(len(seqs), t_max, d, device=self.device)
         counts = torch.zeros(len(seqs), dtype=torch.long)

@@ -11,7 +11,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -372,22 +372,43 @@ class Pipeline(AsyncMethods):
         return Mask(mask, selected, t, crop, vt.frame)
 
     def generate_image(self, prompt: str) -> Image:
-        """Text -> vision tokens at the LLM's <target> slots -> detokenizer; the LLM picks the count."""
+        """Text -> vision tokens at the LLM's <target> slots -> detokenizer; the LLM picks the count.
+        With the config's gen_feedback, each <target> after the first carries the token drawn at the
+        slot before (regress_head then projector per slot, as Setokim.greedy does)."""
         prompt = _check_text(prompt, "prompt")
         t: dict[str, float] = {}
         ids = [self.ids["<bos>"]] + self.encode(self.prompts["draw"].format(c=prompt))
-        embeds = self.embeddings[ids][None]
         s = SamplingParams(max_new_tokens=self.max_tokens + 3)
-        slots = [h for tok, h in self._decode(embeds, t, s) if tok == self.ids["<target>"]]
-        slots = slots[: self.max_tokens]
+        drawn: list[np.ndarray] = []  # (1, D) per <target> slot, in order
+        feedback = bool(self.manifest.config.get("gen_feedback"))
+
+        def embed(tok: int) -> np.ndarray:
+            e = self.embeddings[[tok]][None]  # (1, 1, H)
+            if feedback and tok == self.ids["<target>"] and drawn:
+                with timed(t, "projector"):
+                    e = e + self.stage("projector").run({M.VISION_TOKENS: drawn[-1]})[M.EMBEDS][None]
+            return e
+
+        hidden = []
+        for tok, h in self._decode(self.embeddings[ids][None], t, s, embed=embed):
+            if tok != self.ids["<target>"]:
+                continue
+            hidden.append(h)
+            if feedback:
+                drawn.append(self._regress(np.stack(hidden[-1:]), t))
+        slots = hidden[: self.max_tokens]
         tokens = np.zeros((1, self.max_tokens, self.vision_token_dim), np.float32)
         if slots:
-            with timed(t, "regress_head"):
-                tokens[0, : len(slots)] = self.stage("regress_head").run({M.HIDDEN: np.stack(slots).astype(np.float32)})[M.VISION_TOKENS]
+            tokens[0, : len(slots)] = np.concatenate(drawn[: len(slots)]) if feedback else self._regress(np.stack(slots), t)
         count = max(len(slots), 1)
         with timed(t, "detokenizer"):
             img = self.stage("detokenizer").run({M.VISION_TOKENS: tokens, M.NUM_TOKENS: np.array([count], np.int64)})[M.IMAGE]
         return Image(to_uint8(img[0], self.manifest.preprocessing), count, t)
+
+    def _regress(self, hidden: np.ndarray, t: dict[str, float]) -> np.ndarray:
+        """(K, H) hidden states at <target> slots -> (K, D) vision tokens."""
+        with timed(t, "regress_head"):
+            return self.stage("regress_head").run({M.HIDDEN: hidden.astype(np.float32)})[M.VISION_TOKENS]
 
     def reconstruct(self, vt: Tokens) -> np.ndarray:
         tokens = np.zeros((1, self.max_tokens, vt.tokens.shape[1]), np.float32)
@@ -433,8 +454,11 @@ class Pipeline(AsyncMethods):
         return decoder.step(embeds[:, len(key):])[0]
 
     def _decode(self, embeds: np.ndarray, t: dict[str, float], s: SamplingParams, guide: Guide | None = None,
-                head: list[int] | None = None, info: dict | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (token id, hidden state of that token once fed back); greedy when temperature == 0."""
+                head: list[int] | None = None, info: dict | None = None,
+                embed: Callable[[int], np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (token id, hidden state of that token once fed back); greedy when temperature == 0.
+        `embed(id)`: the (1, 1, H) input a picked id is fed back as (default: its embedding row);
+        called after the caller has seen every earlier yield."""
         n = s.max_new_tokens or 64
         limit = self.max_context
         if embeds.shape[1] + n > limit:
@@ -451,8 +475,9 @@ class Pipeline(AsyncMethods):
                     return
                 if guide is not None:
                     guide.advance(tok)
+                fed = self.embeddings[[tok]][None] if embed is None else embed(tok)
                 with timed(t, "llm_decode"):
-                    logits, hidden = decoder.step(self.embeddings[[tok]][None])
+                    logits, hidden = decoder.step(fed)
                 yield tok, hidden[0]
         finally:  # also when the caller stops early (a deadline, a closed stream)
             decoder.close()
