@@ -372,43 +372,11 @@ class Pipeline(AsyncMethods):
         return Mask(mask, selected, t, crop, vt.frame)
 
     def generate_image(self, prompt: str) -> Image:
-        """Text -> vision tokens at the LLM's <target> slots -> detokenizer; the LLM picks the count.
-        With the config's gen_feedback, each <target> after the first carries the token drawn at the
-        slot before (regress_head then projector per slot, as Setokim.greedy does)."""
-        prompt = _check_text(prompt, "prompt")
-        t: dict[str, float] = {}
-        ids = [self.ids["<bos>"]] + self.encode(self.prompts["draw"].format(c=prompt))
-        s = SamplingParams(max_new_tokens=self.max_tokens + 3)
-        drawn: list[np.ndarray] = []  # (1, D) per <target> slot, in order
-        feedback = bool(self.manifest.config.get("gen_feedback"))
+        """Text -> vision tokens at the LLM's <target> slots -> detokenizer; the LLM picks the count
+        (setok/runtime/generation.py)."""
+        from setok.runtime.generation import generate_image
 
-        def embed(tok: int) -> np.ndarray:
-            e = self.embeddings[[tok]][None]  # (1, 1, H)
-            if feedback and tok == self.ids["<target>"] and drawn:
-                with timed(t, "projector"):
-                    e = e + self.stage("projector").run({M.VISION_TOKENS: drawn[-1]})[M.EMBEDS][None]
-            return e
-
-        hidden = []
-        for tok, h in self._decode(self.embeddings[ids][None], t, s, embed=embed):
-            if tok != self.ids["<target>"]:
-                continue
-            hidden.append(h)
-            if feedback:
-                drawn.append(self._regress(np.stack(hidden[-1:]), t))
-        slots = hidden[: self.max_tokens]
-        tokens = np.zeros((1, self.max_tokens, self.vision_token_dim), np.float32)
-        if slots:
-            tokens[0, : len(slots)] = np.concatenate(drawn[: len(slots)]) if feedback else self._regress(np.stack(slots), t)
-        count = max(len(slots), 1)
-        with timed(t, "detokenizer"):
-            img = self.stage("detokenizer").run({M.VISION_TOKENS: tokens, M.NUM_TOKENS: np.array([count], np.int64)})[M.IMAGE]
-        return Image(to_uint8(img[0], self.manifest.preprocessing), count, t)
-
-    def _regress(self, hidden: np.ndarray, t: dict[str, float]) -> np.ndarray:
-        """(K, H) hidden states at <target> slots -> (K, D) vision tokens."""
-        with timed(t, "regress_head"):
-            return self.stage("regress_head").run({M.HIDDEN: hidden.astype(np.float32)})[M.VISION_TOKENS]
+        return generate_image(self, _check_text(prompt, "prompt"))
 
     def reconstruct(self, vt: Tokens) -> np.ndarray:
         tokens = np.zeros((1, self.max_tokens, vt.tokens.shape[1]), np.float32)
