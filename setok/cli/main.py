@@ -60,6 +60,11 @@ def main(verbose: bool) -> None:
 @click.option("--place-lr", type=float, default=1.0, show_default=True,
               help="With --place-head: the head's own parameters learn at this constant rate, relative to the "
                    "preset's (the rest stays on the stage's cosine).")
+@click.option("--restart-steps", type=int, default=None,
+              help="The last N stage-2 steps as a second cosine cycle (peak --restart-lr, to a tenth of it), the vision "
+                   "tokenizer frozen and the place head's loss on from its first step (instead of --place-steps/--place-lr).")
+@click.option("--restart-lr", type=float, default=0.3, show_default=True,
+              help="With --restart-steps: the second cycle's peak rate, relative to the preset's.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Global batch (split over torchrun processes); default per preset.")
 @click.option("--encoder", "encoder_path", type=click.Path(exists=True, file_okay=False), default=None,

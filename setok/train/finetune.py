@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from pathlib import Path
 
@@ -17,16 +16,12 @@ import torch
 from setok.data.items import item_stream
 from setok.errors import InputError
 from setok.model.encoder import preprocess
-from setok.train.sequences import task_sequences
+from setok.train.sequences import batch_sequences
+from setok.train.trainer import LR_FLOOR, cosine_decay
 
 log = logging.getLogger(__name__)
 
 FINETUNE_SEED = 321  # the scene stream: apart from the training run's seed-0 batches
-FLOOR = 0.1  # the cosine ends at this fraction of the peak: the language tasks need the low-rate tail
-
-
-def cosine(step: int, steps: int, lr: float) -> float:
-    return lr * (FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
 def finetune(ckpt: Path, out: Path, steps: int = 300, lr: float = 3e-4, batch: int = 32,
@@ -48,7 +43,7 @@ def finetune(ckpt: Path, out: Path, steps: int = 300, lr: float = 3e-4, batch: i
     model.train()
     for step in tqdm(range(steps), desc="finetune", unit="step", dynamic_ncols=True):
         for g in opt.param_groups:
-            g["lr"] = cosine(step, steps, lr)
+            g["lr"] = lr * cosine_decay(step / steps)
         losses = _losses(model, stream.batch(step, batch), step)
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
@@ -59,7 +54,7 @@ def finetune(ckpt: Path, out: Path, steps: int = 300, lr: float = 3e-4, batch: i
     model.eval()
     state_file = ckpt / "training_state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    state["finetune"] = {"steps": steps, "lr": lr, "batch": batch, "seed": seed, "data": data, "floor": FLOOR}
+    state["finetune"] = {"steps": steps, "lr": lr, "batch": batch, "seed": seed, "data": data, "floor": LR_FLOOR}
     model.save_pretrained(out, extra=state)
     return out
 
@@ -70,8 +65,4 @@ def _losses(model, items, step: int) -> dict[str, torch.Tensor]:
     px = preprocess(torch.from_numpy(np.stack([it.image for it in items])), model.cfg.encoder)
     with torch.no_grad():
         vt = model.vision(px)
-    counts, assignment = vt.clusters.num_tokens.tolist(), vt.clusters.assignment
-    seqs = []
-    for i, it in enumerate(items):
-        seqs += task_sequences(model, it, vt.tokens[i, : counts[i]], assignment[i], random.Random(step * 10_007 + i))
-    return model.losses(seqs)
+    return model.losses(batch_sequences(model, items, vt, [random.Random(step * 10_007 + i) for i in range(len(items))]))

@@ -48,6 +48,15 @@ def task_sequences(model: Setokim, it: TrainItem, tokens: torch.Tensor, assignme
     return seqs
 
 
+def batch_sequences(model: Setokim, items: list[TrainItem], vt, rngs: list[random.Random]) -> list[Sequence]:
+    """Every image's stage-2 sequences from its tokens in `vt` (the vision tokenizer's output for
+    `items`), image i drawing from rngs[i]: the training step's and `setok finetune`'s one loop."""
+    counts = vt.clusters.num_tokens.tolist()
+    assignment = vt.clusters.assignment.cpu()  # the per-image bookkeeping runs on the host
+    return [s for i, it in enumerate(items)
+            for s in task_sequences(model, it, vt.tokens[i, : counts[i]], assignment[i], rngs[i])]
+
+
 def qa_weight(question: str) -> float:
     return RELATION_WEIGHT if question.startswith("is the ") and (" left of " in question or " above " in question) else 1.0
 

@@ -55,7 +55,7 @@ from setok.train.distributed import (
     train_device,
 )
 from setok.train.palette import PALETTE_SCENES, colour_codebook
-from setok.train.sequences import task_sequences
+from setok.train.sequences import batch_sequences
 from setok.train.tau import calibrate_tau
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,12 @@ class TrainOptions:
     # constant 3e-4 there took VQA 0.85 -> 0.81 (docs/generation.md); from scratch at the cosine's
     # 2.4e-4 -> 1e-4 the head reached position 0.55 only.
     place_lr: float | None = 1.0
+    # The last restart_steps stage-2 steps as a second cosine cycle (peak restart_lr x the preset's
+    # rate, down to a tenth of it), the vision tokenizer frozen and the place head's loss on from the
+    # cycle's first step (replacing place_steps / place_lr): `setok finetune`'s cycle inside the
+    # budget (docs/generation.md "A second cycle"). None: one cosine.
+    restart_steps: int | None = None
+    restart_lr: float = 0.3
     # Where the steps run: "cpu", "cuda" / "cuda:N" or "auto"; under torchrun each rank takes
     # cuda:LOCAL_RANK. bf16 autocasts the forward passes (weights and optimizer stay float32).
     device: str = "cpu"
@@ -139,6 +145,11 @@ def train(opts: TrainOptions) -> Path:
         raise InputError(f"--place-steps {opts.place_steps}: expected at least 1 (the head would never train)")
     if opts.place_lr is not None and not 0 < opts.place_lr <= 10:
         raise InputError(f"--place-lr {opts.place_lr}: expected a scale of the preset learning rate in (0, 10]")
+    if opts.restart_steps is not None and not 1 <= opts.restart_steps < stage_steps(opts)[1]:
+        raise InputError(f"--restart-steps {opts.restart_steps}: expected 1 to {stage_steps(opts)[1] - 1} "
+                         "(fewer than the stage-2 steps, so the first cycle has at least one)")
+    if not 0 < opts.restart_lr <= 10:
+        raise InputError(f"--restart-lr {opts.restart_lr}: expected a scale of the preset learning rate in (0, 10]")
     cfg.llm.hf_path = opts.llm_path
     state = _load_state(opts) if opts.resume else None
     if state is not None:
@@ -147,6 +158,8 @@ def train(opts: TrainOptions) -> Path:
         opts.tune_merger = opts.tune_merger or bool(state.get("tune_merger"))  # the recipe the run began with
         opts.place_steps = state.get("place_steps", opts.place_steps)
         opts.place_lr = state.get("place_lr", opts.place_lr)
+        opts.restart_steps = state.get("restart_steps", opts.restart_steps)
+        opts.restart_lr = state.get("restart_lr", opts.restart_lr)
         log.info("resuming %s at stage %s step %s", opts.out, state["stage"], state["step"])
     stream = item_stream(opts.data, cfg.encoder.image_size, opts.seed)  # scenes at the tower's size
     if state is None:
@@ -347,27 +360,29 @@ class Trainer:
         px = self._pixels([it for _, it in indexed])
         extra = {}
         with self._autocast():
-            if self.opts.tune_merger:
+            if self.opts.tune_merger and not self._restarted(step):  # the second cycle keeps the tokens fixed
                 vt = self.model.vision(px, encoder_grad=False)
                 extra["recon"] = self.model.vision.reconstruction_loss(vt, px, self._masks([it for _, it in indexed]))
             else:
                 with torch.no_grad():
                     vt = self.model.vision(px)
-            counts = vt.clusters.num_tokens.tolist()
-            assignment = vt.clusters.assignment.cpu()  # the per-image bookkeeping runs on the host
-            seqs = []
-            for i, (g, it) in enumerate(indexed):
-                # One generator per image of the global batch: the same draws however it is sharded.
-                rng = random.Random((self.opts.seed * 1_000_003 + step) * 10_007 + g)
-                seqs += task_sequences(self.model, it, vt.tokens[i, : counts[i]], assignment[i], rng)
+            # One generator per image of the global batch: the same draws however it is sharded.
+            rngs = [random.Random((self.opts.seed * 1_000_003 + step) * 10_007 + g) for g, _ in indexed]
+            seqs = batch_sequences(self.model, [it for _, it in indexed], vt, rngs)
             losses = {**self._global_means(seqs), **extra}
         if not self._place_on(step):
             losses.pop("place", None)
         return self._apply(losses)
 
     def _place_on(self, step: int) -> bool:
+        if self.opts.restart_steps is not None:
+            return self._restarted(step)
         last = self.opts.place_steps
         return last is None or step >= self.steps[1] - last
+
+    def _restarted(self, step: int) -> bool:
+        """Whether stage-2 `step` is in the second cycle."""
+        return self.opts.restart_steps is not None and step >= self.steps[1] - self.opts.restart_steps
 
     def _global_means(self, seqs) -> dict[str, torch.Tensor]:
         """Each rank's loss sum over the global count, times the world size: averaged gradients
@@ -381,6 +396,11 @@ class Trainer:
     def _lr_scale(self, group: dict) -> float:
         """The learning rate of `group` relative to the preset's at this step."""
         stage, step, total = self.state["stage"], self.state["step"], self.steps[self.state["stage"] - 1]
+        if stage == 2 and self.opts.restart_steps is not None:
+            first = total - self.opts.restart_steps
+            if step < first:
+                return lr_scale(step, first) * group.get("scale", 1.0)
+            return self.opts.restart_lr * cosine_decay((step - first) / self.opts.restart_steps)  # vision has no gradients
         if stage == 2 and group.get("place") and self.opts.place_lr is not None:
             return self.opts.place_lr  # the head trains only in its last place_steps steps, at a constant rate
         return lr_scale(step, total) * group.get("scale", 1.0)
@@ -412,7 +432,8 @@ class Trainer:
             attach_bank(self.model, bank_tokens(self.model, self.stream, self.opts.token_bank, seed=self.opts.seed, strict=False))
         state = dict(self.state, finished=final, preset=self.opts.preset, seed=self.opts.seed,
                      data=self.opts.data, steps=list(self.steps), tune_merger=self.opts.tune_merger,
-                     place_steps=self.opts.place_steps, place_lr=self.opts.place_lr, precision=self.opts.precision)
+                     place_steps=self.opts.place_steps, place_lr=self.opts.place_lr, precision=self.opts.precision,
+                     restart_steps=self.opts.restart_steps, restart_lr=self.opts.restart_lr)
         self.model.save_pretrained(self.opts.out, extra=state, optimizer=None if final else self._opt_tensors())
         log.info("checkpoint: %s (stage %s step %s)", self.opts.out, state["stage"], state["step"])
         barrier(self.dist)
@@ -460,12 +481,19 @@ class Trainer:
                         "fresh): %s", len(skipped), ", ".join(sorted(skipped)[:5]))
 
 
+LR_FLOOR = 0.1  # every cosine ends at this fraction of its peak: the language tasks need the low-rate tail
+
+
 def lr_scale(step: int, total: int) -> float:
     """Linear warm-up then cosine decay to 10%: a pure function of the step, so resume is exact."""
-    import math
-
     warmup = min(50, max(1, total // 10))
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return cosine_decay((step - warmup) / max(1, total - warmup))
+
+
+def cosine_decay(progress: float) -> float:
+    """1 at progress 0, LR_FLOOR at 1 (and after), half a cosine between."""
+    import math
+
+    return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -76,3 +76,31 @@ def test_place_lr_none_keeps_the_head_on_the_cosine(tmp_path):
     cosine = [PRESET_LR["tiny"] * lr_scale(i, len(stage2)) for i in range(len(stage2))]
     assert [h["lr"] for h in stage2] == cosine and [h["lr_place"] for h in stage2] == cosine
     assert ["place" in h for h in stage2][-2:] == [True, True]
+
+
+def test_restart_steps_run_a_second_cosine_with_the_vision_frozen(tmp_path):
+    """`--restart-steps 3`: stage 2's last 3 steps are a second cycle from --restart-lr x the preset's
+    rate down to a tenth, the place loss on from its first step, the merger's reconstruction loss off
+    (the tokens stay fixed, so a token bank drawn after the last step matches them)."""
+    from setok.train.trainer import PRESET_LR, cosine_decay, lr_scale
+
+    ck = tmp_path / "ck"
+    proc = subprocess.run([sys.executable, "-m", "setok.cli", "train", "--preset", "tiny", "--steps", "12", "--tune-merger",
+                           "--place-head", "--restart-steps", "3", "--restart-lr", "0.5", "--out", str(ck)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = json.loads((ck / "training_state.json").read_text())
+    stage2 = [h for h in state["history"] if h["stage"] == 2]
+    assert len(stage2) == 7 and (state["restart_steps"], state["restart_lr"]) == (3, 0.5)
+    assert ["place" in h for h in stage2] == [False] * 4 + [True] * 3
+    assert ["recon" in h for h in stage2] == [True] * 4 + [False] * 3
+    lr = PRESET_LR["tiny"]
+    assert [h["lr"] for h in stage2] == [lr * lr_scale(i, 4) for i in range(4)] + [lr * 0.5 * cosine_decay(i / 3) for i in range(3)]
+    assert [h["lr_place"] for h in stage2[4:]] == [h["lr"] for h in stage2[4:]]
+
+
+def test_restart_steps_must_leave_a_first_cycle(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "setok.cli", "train", "--preset", "tiny", "--steps", "12",
+                           "--restart-steps", "7", "--out", str(tmp_path / "ck")], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "--restart-steps 7: expected 1 to 6" in proc.stderr
+    assert not (tmp_path / "ck").exists()
