@@ -33,7 +33,7 @@ def generate_image(pipe: Any, prompt: str) -> Image:
         return e
 
     hidden = []
-    for tok, h in pipe._decode(pipe.embeddings[ids][None], t, s, embed=embed):
+    for tok, h in pipe.decode(pipe.embeddings[ids][None], t, s, embed=embed):
         if tok != target:
             continue
         hidden.append(h)

@@ -338,7 +338,7 @@ class Pipeline(AsyncMethods):
             head, embeds, _ = self.prompt_parts(vt, self.prompts["question"], q=_check_text(question, "question"))
         ids: list[int] = []
         sent = 0
-        for tok, _ in self._decode(embeds, vt.timings, s, head=head):
+        for tok, _ in self.decode(embeds, vt.timings, s, head=head):
             ids.append(tok)
             full, stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), s.stop)
             ready = len(full) if stopped else len(full) - held_back(full, s.stop)
@@ -421,7 +421,7 @@ class Pipeline(AsyncMethods):
             info["cached_tokens"] = len(key)
         return decoder.step(embeds[:, len(key):])[0]
 
-    def _decode(self, embeds: np.ndarray, t: dict[str, float], s: SamplingParams, guide: Guide | None = None,
+    def decode(self, embeds: np.ndarray, t: dict[str, float], s: SamplingParams, guide: Guide | None = None,
                 head: list[int] | None = None, info: dict | None = None,
                 embed: Callable[[int], np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (token id, hidden state of that token once fed back); greedy when temperature == 0.
@@ -462,7 +462,7 @@ class Pipeline(AsyncMethods):
                   head: list[int] | None = None, guide: Guide | None = None, guided: Structure | None = None) -> Text:
         ids: list[int] = []
         complete, info = True, {}
-        for tok, _ in self._decode(embeds, vt.timings, s, guide, head, info):
+        for tok, _ in self.decode(embeds, vt.timings, s, guide, head, info):
             ids.append(tok)
             if s.stop and self._finish(ids, s)[1]:
                 break

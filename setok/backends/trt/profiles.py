@@ -9,7 +9,7 @@ ties together must be consistent at every point. The LLM ties them: total_sequen
 past_sequence + sequence (the KV-cache Concat and the attention mask). One profile cannot hold
 both a long prefill (sequence up to L, no past) and a long decode (sequence 1, past up to L-1)
 with total <= L at its MAX point, so stages with a KV cache get two profiles, "prefill" and
-"decode" — the two call patterns of Pipeline._decode. Every other stage gets one profile.
+"decode" — the two call patterns of Pipeline.decode. Every other stage gets one profile.
 """
 
 from __future__ import annotations
