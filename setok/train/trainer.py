@@ -380,9 +380,13 @@ class Trainer:
         last = self.opts.place_steps
         return last is None or step >= self.steps[1] - last
 
+    def _restart_start(self) -> int | None:
+        """The stage-2 step the second cycle begins at (None: one cycle)."""
+        return None if self.opts.restart_steps is None else self.steps[1] - self.opts.restart_steps
+
     def _restarted(self, step: int) -> bool:
-        """Whether stage-2 `step` is in the second cycle."""
-        return self.opts.restart_steps is not None and step >= self.steps[1] - self.opts.restart_steps
+        start = self._restart_start()
+        return start is not None and step >= start
 
     def _global_means(self, seqs) -> dict[str, torch.Tensor]:
         """Each rank's loss sum over the global count, times the world size: averaged gradients
@@ -396,11 +400,11 @@ class Trainer:
     def _lr_scale(self, group: dict) -> float:
         """The learning rate of `group` relative to the preset's at this step."""
         stage, step, total = self.state["stage"], self.state["step"], self.steps[self.state["stage"] - 1]
-        if stage == 2 and self.opts.restart_steps is not None:
-            first = total - self.opts.restart_steps
-            if step < first:
-                return lr_scale(step, first) * group.get("scale", 1.0)
-            return self.opts.restart_lr * cosine_decay((step - first) / self.opts.restart_steps)  # vision has no gradients
+        start = self._restart_start()
+        if stage == 2 and start is not None:
+            if step < start:
+                return lr_scale(step, start) * group.get("scale", 1.0)
+            return self.opts.restart_lr * cosine_decay((step - start) / self.opts.restart_steps)  # vision has no gradients
         if stage == 2 and group.get("place") and self.opts.place_lr is not None:
             return self.opts.place_lr  # the head trains only in its last place_steps steps, at a constant rate
         return lr_scale(step, total) * group.get("scale", 1.0)

@@ -78,7 +78,7 @@ def test_place_lr_none_keeps_the_head_on_the_cosine(tmp_path):
     assert ["place" in h for h in stage2][-2:] == [True, True]
 
 
-def test_restart_steps_run_a_second_cosine_with_the_vision_frozen(tmp_path):
+def test_restart_steps_run_a_second_cosine_without_the_reconstruction_loss(tmp_path):
     """`--restart-steps 3`: stage 2's last 3 steps are a second cycle from --restart-lr x the preset's
     rate down to a tenth, the place loss on from its first step, the merger's reconstruction loss off
     (the tokens stay fixed, so a token bank drawn after the last step matches them)."""
