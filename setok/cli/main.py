@@ -77,6 +77,9 @@ def main(verbose: bool) -> None:
               help="cpu, cuda, cuda:N or auto (under torchrun, cuda means one GPU per rank).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: autocast the forward passes (weights and optimizer state stay float32).")
+@click.option("--compile", is_flag=True,
+              help="torch.compile every transformer block: cheaper steps after about 1.5 min of compiling on a "
+                   "cold cache (measured on the CPU: docs/generation.md \"Cheaper steps\").")
 @click.option("--palette", type=int, default=None,
               help="The detokenizer's colour codes (k-means over the training scenes' object pixels): each pixel is "
                    "classified as background (regressed) or one code's colour; 0: regression only (the preset's default).")
@@ -117,12 +120,17 @@ def bank(ckpt: Path, out: Path | None, size: int, scenes: int, data: str, seed: 
 @click.option("--batch", type=click.IntRange(1), default=32, show_default=True, help="Images per step.")
 @click.option("--seed", type=int, default=321, show_default=True, help="The scene stream's seed.")
 @click.option("--data", default="synthetic", show_default=True, help="'synthetic' or a folder with captions.jsonl.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: autocast the forward passes (weights and optimizer state stay float32).")
+@click.option("--compile", is_flag=True, help="torch.compile every transformer block (as for `setok train`).")
 @user_errors
-def finetune(ckpt: Path, out: Path, steps: int, lr: float, batch: int, seed: int, data: str) -> None:
+def finetune(ckpt: Path, out: Path, steps: int, lr: float, batch: int, seed: int, data: str, precision: str,
+             compile: bool) -> None:
     """A second cosine cycle of every stage-2 loss over a trained checkpoint, vision frozen."""
     from setok.train.finetune import finetune as run
 
-    click.echo(f"checkpoint written to {run(_checkpoint(ckpt), out, steps, lr, batch, seed, data)}")
+    out = run(_checkpoint(ckpt), out, steps, lr, batch, seed, data, precision, compile)
+    click.echo(f"checkpoint written to {out}")
 
 
 @main.command("eval")

@@ -41,6 +41,7 @@ from setok.export.external import (
     param_bytes,
     release_freed_memory,
 )
+from setok.model.families import set_attention
 
 log = logging.getLogger(__name__)
 
@@ -159,18 +160,6 @@ def _onnx_config(llm):
     return cls(llm.config, task="text-generation", use_past=True, use_past_in_inputs=True)
 
 
-def _set_attention(llm, impl: str | None) -> str | None:
-    """Switch the attention implementation, returning the previous one (to restore afterwards)."""
-    before = getattr(llm.config, "_attn_implementation", None)
-    if impl is None or impl == before:
-        return before
-    if hasattr(llm, "set_attn_implementation"):  # transformers >= 4.56
-        llm.set_attn_implementation(impl)
-    else:
-        llm.config._attn_implementation = impl
-    return before
-
-
 def export_llm(llm, out_dir: Path, opset: int = 17) -> Path:
     """Write out_dir/llm.onnx (fp32, dynamic batch / sequence / past) and return its path. Weights past
     EXTERNAL_DATA_BYTES go to llm.onnx.data, streamed (export/external.py)."""
@@ -181,7 +170,7 @@ def export_llm(llm, out_dir: Path, opset: int = 17) -> Path:
     wrapper = EmbedsCausalLM(llm).eval()
     # Eager attention: both eager and SDPA export cleanly at opset 17 here, but eager is the plainer
     # graph (MatMul/Softmax, no IsNaN/Where guards for fully masked rows) for the later INT8/TRT stages.
-    before = _set_attention(llm, EXPORT_ATTENTION)
+    before = set_attention(llm, EXPORT_ATTENTION)
     use_cache = getattr(llm.config, "use_cache", None)  # optimum overrides it on the shared config
     training = llm.training  # export needs eval mode; a caller mid-training gets its mode back
     try:
@@ -192,7 +181,7 @@ def export_llm(llm, out_dir: Path, opset: int = 17) -> Path:
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             _trace(wrapper, config, path, opset, external=param_bytes(llm) > EXTERNAL_DATA_BYTES)
     finally:
-        _set_attention(llm, before)
+        set_attention(llm, before)
         llm.train(training)
         if use_cache is not None:
             llm.config.use_cache = use_cache

@@ -141,3 +141,16 @@ def require_dir(path: str | None, what: str) -> str:
         raise CheckpointError(f"the checkpoint names the {what} directory {path!r}, which is not there, and holds no "
                               "config of its own (written by an older setok): retrain it with this version")
     return path
+
+
+def set_attention(llm, impl: str | None) -> str | None:
+    """Switch a Hugging Face model's attention implementation, returning the previous one (to
+    restore afterwards); None leaves it as it is."""
+    before = getattr(llm.config, "_attn_implementation", None)
+    if impl is None or impl == before:
+        return before
+    if hasattr(llm, "set_attn_implementation"):  # transformers >= 4.56
+        llm.set_attn_implementation(impl)
+    else:
+        llm.config._attn_implementation = impl
+    return before

@@ -56,6 +56,7 @@ from setok.train.distributed import (
 )
 from setok.train.palette import PALETTE_SCENES, colour_codebook
 from setok.train.sequences import batch_sequences
+from setok.train.speed import compile_blocks, step_attention
 from setok.train.tau import calibrate_tau
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class TrainOptions:
     # cuda:LOCAL_RANK. bf16 autocasts the forward passes (weights and optimizer stay float32).
     device: str = "cpu"
     precision: str = "fp32"
+    compile: bool = False  # torch.compile every transformer block (train/speed.py; ~1 min to compile)
     palette: int | None = None  # the detokenizer's colour codes (None: the preset's)
     token_bank: int = 0  # real tokens for generation to snap to, drawn after the last step (0: none)
 
@@ -210,6 +212,8 @@ class Trainer:
         self.device = train_device(opts.device, self.dist)
         self.amp = autocast_dtype(opts.precision)
         self.model.to(self.device)
+        if opts.compile:
+            compile_blocks(self.model)
         self.cfg: SetokimConfig = model.cfg
         self.steps = stage_steps(opts)
         self.batch = opts.batch_size or PRESET_BATCH[opts.preset]
@@ -258,6 +262,12 @@ class Trainer:
         done = self.state["step"] + (self.steps[0] if self.state["stage"] == 2 else 0)
         bar = tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True, disable=not self.dist.main)
         start = time.monotonic() - self.state["elapsed"]
+        with step_attention(self.model.llm, self.device, self.amp):
+            self._steps(bar, start)
+        bar.close()
+        self.save(final=True)
+
+    def _steps(self, bar, start: float) -> None:
         while self.state["stage"] <= 2:
             stage, step = self.state["stage"], self.state["step"]
             if step >= self.steps[stage - 1] or self._out_of_time(start):
@@ -273,8 +283,6 @@ class Trainer:
             bar.set_postfix(stage=stage, **{k: f"{v:.3f}" for k, v in losses.items()})
             if self.state["step"] % self.opts.ckpt_every == 0:
                 self.save(final=False)
-        bar.close()
-        self.save(final=True)
 
     def _out_of_time(self, start: float) -> bool:
         if self.opts.max_minutes is None:
@@ -437,7 +445,8 @@ class Trainer:
         state = dict(self.state, finished=final, preset=self.opts.preset, seed=self.opts.seed,
                      data=self.opts.data, steps=list(self.steps), tune_merger=self.opts.tune_merger,
                      place_steps=self.opts.place_steps, place_lr=self.opts.place_lr, precision=self.opts.precision,
-                     restart_steps=self.opts.restart_steps, restart_lr=self.opts.restart_lr)
+                     restart_steps=self.opts.restart_steps, restart_lr=self.opts.restart_lr,
+                     compile=self.opts.compile)
         self.model.save_pretrained(self.opts.out, extra=state, optimizer=None if final else self._opt_tensors())
         log.info("checkpoint: %s (stage %s step %s)", self.opts.out, state["stage"], state["step"])
         barrier(self.dist)

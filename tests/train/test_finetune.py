@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -13,9 +14,10 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "setok.cli", "finetune", *args], capture_output=True, text=True, check=False)
 
 
-def test_finetune_trains_the_llm_and_heads_and_keeps_the_vision_tokenizer(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_finetune_trains_the_llm_and_heads_and_keeps_the_vision_tokenizer(tiny_ckpt, tmp_path, precision):
     out = tmp_path / "ft"
-    proc = _run(str(tiny_ckpt), "--out", str(out), "--steps", "3", "--batch", "4")
+    proc = _run(str(tiny_ckpt), "--out", str(out), "--steps", "3", "--batch", "4", "--precision", precision)
     assert proc.returncode == 0, proc.stderr[-2000:]
     before, after = load_file(str(tiny_ckpt / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert before.keys() == after.keys()
@@ -24,7 +26,8 @@ def test_finetune_trains_the_llm_and_heads_and_keeps_the_vision_tokenizer(tiny_c
     moved = [k for k in before if k.startswith(("llm.", "regress.")) and not torch.equal(before[k], after[k])]
     assert any(k.startswith("llm.") for k in moved) and any(k.startswith("regress.") for k in moved)
     state = json.loads((out / "training_state.json").read_text())
-    assert state["finetune"] == {"steps": 3, "lr": 3e-4, "batch": 4, "seed": 321, "data": "synthetic", "floor": 0.1}
+    assert state["finetune"] == {"steps": 3, "lr": 3e-4, "batch": 4, "seed": 321, "data": "synthetic", "floor": 0.1,
+                                 "precision": precision, "compile": False}
     assert json.loads((out / "config.json").read_text()) == json.loads((tiny_ckpt / "config.json").read_text())
 
 
