@@ -16,9 +16,10 @@ import torch
 from setok.data.items import item_stream
 from setok.errors import InputError
 from setok.model.encoder import preprocess
+from setok.train.schedule import LR_FLOOR, cosine_decay
 from setok.train.sequences import batch_sequences
 from setok.train.speed import compile_blocks, step_attention
-from setok.train.trainer import LR_FLOOR, autocast_dtype, cosine_decay
+from setok.train.trainer import autocast_dtype
 
 log = logging.getLogger(__name__)
 

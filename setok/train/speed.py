@@ -1,9 +1,9 @@
 """What makes a training step cheaper on the CPU without changing what it computes: the LLM's
 attention kernel under bf16, and (`--compile`) torch.compile of every transformer block.
 
-Measured on the `small` preset, 2 cores with AVX-512 BF16 (docs/generation.md "Cheaper steps"):
-stage 2 under bf16 went 1.31-1.49 -> 1.19 s a step with the eager attention and -> 0.94-1.02 with
-the blocks compiled too; stage 1 0.65 -> 0.49. The LLM's sequences are short (~40-80 tokens), where
+Measured on the `small` preset, 2 cores with AVX-512 BF16 (`scripts/train_step_times.py`,
+docs/generation.md "Cheaper steps"): stage 2 under bf16 went 1.21 -> 0.97 s a step with the eager
+attention and -> 0.79 with the blocks compiled too; stage 1 stayed ~0.5-0.7 s. The LLM's sequences are short (~40-80 tokens), where
 PyTorch's CPU flash kernel in bf16 runs 2.7x slower than plain MatMul/Softmax (its backward was a
 third of the step); the vision tower's 256 patches are where the flash kernel wins, so only the
 LLM's attention is switched. Compiling fuses the elementwise work (norms, RoPE, SwiGLU, autocast
@@ -41,7 +41,7 @@ def compile_blocks(model: nn.Module) -> int:
     blocks = [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m]
     for block in blocks:
         block.compile(dynamic=True)
-    log.info("torch.compile: %d blocks (the first steps of each stage compile them, ~1 min)", len(blocks))
+    log.info("torch.compile: %d blocks (the first steps compile them, ~1.5 min on a cold cache)", len(blocks))
     return len(blocks)
 
 

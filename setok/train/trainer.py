@@ -55,6 +55,7 @@ from setok.train.distributed import (
     train_device,
 )
 from setok.train.palette import PALETTE_SCENES, colour_codebook
+from setok.train.schedule import cosine_decay, lr_scale
 from setok.train.sequences import batch_sequences
 from setok.train.speed import compile_blocks, step_attention
 from setok.train.tau import calibrate_tau
@@ -109,7 +110,7 @@ class TrainOptions:
     # cuda:LOCAL_RANK. bf16 autocasts the forward passes (weights and optimizer stay float32).
     device: str = "cpu"
     precision: str = "fp32"
-    compile: bool = False  # torch.compile every transformer block (train/speed.py; ~1 min to compile)
+    compile: bool = False  # torch.compile every transformer block (train/speed.py; ~1.5 min on a cold cache)
     palette: int | None = None  # the detokenizer's colour codes (None: the preset's)
     token_bank: int = 0  # real tokens for generation to snap to, drawn after the last step (0: none)
 
@@ -492,21 +493,3 @@ class Trainer:
         if skipped:
             log.warning("resume: %d saved optimizer states match no parameter of this run's optimizer (they start "
                         "fresh): %s", len(skipped), ", ".join(sorted(skipped)[:5]))
-
-
-LR_FLOOR = 0.1  # every cosine ends at this fraction of its peak: the language tasks need the low-rate tail
-
-
-def lr_scale(step: int, total: int) -> float:
-    """Linear warm-up then cosine decay to 10%: a pure function of the step, so resume is exact."""
-    warmup = min(50, max(1, total // 10))
-    if step < warmup:
-        return (step + 1) / warmup
-    return cosine_decay((step - warmup) / max(1, total - warmup))
-
-
-def cosine_decay(progress: float) -> float:
-    """1 at progress 0, LR_FLOOR at 1 (and after), half a cosine between."""
-    import math
-
-    return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -58,7 +58,8 @@ def test_place_steps_keeps_the_head_loss_to_the_last_stage2_steps(tmp_path):
     assert ["place" in h for h in stage2] == [False] * 4 + [True] * 3
     assert all(h["lm"] > 0 for h in stage2)
     # The head learns at a constant --place-lr (1.0 x tiny's 2e-3); everything else stays on the cosine.
-    from setok.train.trainer import PRESET_LR, lr_scale
+    from setok.train.schedule import lr_scale
+    from setok.train.trainer import PRESET_LR
 
     assert [h["lr"] for h in stage2] == [PRESET_LR["tiny"] * lr_scale(i, 7) for i in range(7)]
     assert {h["lr_place"] for h in stage2} == {PRESET_LR["tiny"]} and state["place_lr"] == 1.0
@@ -67,7 +68,8 @@ def test_place_steps_keeps_the_head_loss_to_the_last_stage2_steps(tmp_path):
 
 def test_place_lr_none_keeps_the_head_on_the_cosine(tmp_path):
     from setok.train import TrainOptions, train
-    from setok.train.trainer import PRESET_LR, lr_scale
+    from setok.train.schedule import lr_scale
+    from setok.train.trainer import PRESET_LR
 
     ck = tmp_path / "ck"
     train(TrainOptions(preset="tiny", out=ck, steps=6, batch_size=4, place_head=True, place_steps=2, place_lr=None))
@@ -82,7 +84,8 @@ def test_restart_steps_run_a_second_cosine_without_the_reconstruction_loss(tmp_p
     """`--restart-steps 3`: stage 2's last 3 steps are a second cycle from --restart-lr x the preset's
     rate down to a tenth, the place loss on from its first step, the merger's reconstruction loss off
     (the tokens stay fixed, so a token bank drawn after the last step matches them)."""
-    from setok.train.trainer import PRESET_LR, cosine_decay, lr_scale
+    from setok.train.schedule import cosine_decay, lr_scale
+    from setok.train.trainer import PRESET_LR
 
     ck = tmp_path / "ck"
     proc = subprocess.run([sys.executable, "-m", "setok.cli", "train", "--preset", "tiny", "--steps", "12", "--tune-merger",
