@@ -19,7 +19,7 @@ from setok.model.encoder import preprocess
 from setok.train.schedule import LR_FLOOR, cosine_decay
 from setok.train.sequences import batch_sequences
 from setok.train.speed import compile_blocks, step_attention
-from setok.train.trainer import autocast_dtype
+from setok.train.trainer import autocast, autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _cycle(model, opt, params, stream, steps: int, lr: float, batch: int, amp: t
     for step in tqdm(range(steps), desc="finetune", unit="step", dynamic_ncols=True):
         for g in opt.param_groups:
             g["lr"] = lr * cosine_decay(step / steps)
-        with torch.autocast(CPU.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with autocast(CPU, amp):
             losses = _losses(model, stream.batch(step, batch), step)
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()

@@ -3,10 +3,10 @@ attention kernel under bf16, and (`--compile`) torch.compile of every transforme
 
 Measured on the `small` preset, 2 cores with AVX-512 BF16 (`scripts/train_step_times.py`,
 docs/generation.md "Cheaper steps"): stage 2 under bf16 went 1.21 -> 0.97 s a step with the eager
-attention and -> 0.79 with the blocks compiled too; stage 1 stayed ~0.5-0.7 s. The LLM's sequences are short (~40-80 tokens), where
-PyTorch's CPU flash kernel in bf16 runs 2.7x slower than plain MatMul/Softmax (its backward was a
-third of the step); the vision tower's 256 patches are where the flash kernel wins, so only the
-LLM's attention is switched. Compiling fuses the elementwise work (norms, RoPE, SwiGLU, autocast
+attention and -> 0.79 with the blocks compiled too; stage 1 stayed ~0.5-0.7 s. The LLM's sequences
+are short (~40-80 tokens), where PyTorch's CPU flash kernel in bf16 runs 2.7x slower than plain
+MatMul/Softmax (its backward was a third of the step); the vision tower's 256 patches are where the
+flash kernel wins, so only the LLM's attention is switched. Compiling fuses the elementwise work (norms, RoPE, SwiGLU, autocast
 casts) that moved as much memory as the MatMuls did.
 """
 

@@ -121,6 +121,11 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
+def autocast(device: torch.device, amp: torch.dtype | None):
+    """The forward passes' autocast for `amp` (None: float32, no autocast)."""
+    return contextlib.nullcontext() if amp is None else torch.autocast(device.type, dtype=amp)
+
+
 def stage_steps(opts: TrainOptions) -> tuple[int, int]:
     s1, s2 = PRESET_STEPS[opts.preset]
     if opts.steps is None:
@@ -336,9 +341,7 @@ class Trainer:
         return preprocess(images.to(self.device, non_blocking=True), self.cfg.encoder)
 
     def _autocast(self):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp)
+        return autocast(self.device, self.amp)
 
     def _concept_loss(self, vt, items: list[TrainItem], labels: torch.Tensor) -> torch.Tensor:
         owners = owner_tokens(vt.clusters.assignment, labels, [len(it.concepts) for it in items])
